@@ -1,0 +1,36 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel of torch; GPU users install their own torch first (pyproject takes a range).
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,wandb]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## Edit the tiny BLIP-2 with FT on E-VQA-mini (builds the mini world and tiny model the first time).
+demo: install
+	$(PY) run.py
+
+## The whole test suite (slow tests included).
+test: install
+	$(PY) -m pytest -q
+
+## Everything but the tests marked slow.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+## Print the speed and memory figures the issues set as targets.
+bench: install
+	$(PY) benchmarks/spine.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,45 @@
+"""Family-independent pieces of turning prompts into padded tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from mmke.backbones.base import IGNORE_INDEX, EncodedPrompt, ModelBatch
+from mmke.data.record import LazyImage
+
+
+def encode_pair(prefix_ids: list[int], target_ids: list[int], image: LazyImage | None,
+                image_token_id: int, expected_image_tokens: int, where: str) -> EncodedPrompt:
+    """Join prompt and target ids, label only the target, and check the image-token count.
+
+    The check exists because BLIP-2 (and others) silently ignore an image whose placeholder count
+    is wrong; here that is an error, naming the prompt.
+    """
+    ids = prefix_ids + target_ids
+    count = sum(1 for t in ids if t == image_token_id)
+    wanted = expected_image_tokens if image is not None else 0
+    if count != wanted:
+        raise ValueError(f"{where}: {count} image tokens in the prompt, expected {wanted}; "
+                         "the prompt text must not contain the image placeholder itself")
+    labels = [IGNORE_INDEX] * len(prefix_ids) + list(target_ids)
+    return EncodedPrompt(tuple(ids), tuple(labels), image, count)
+
+
+def collate_left(encoded: list[EncodedPrompt], pad_id: int, image_token_id: int,
+                 pixel_values: torch.Tensor | None) -> ModelBatch:
+    """Pad on the left (decoder-only generation and scoring share one layout)."""
+    length = max(len(e.input_ids) for e in encoded)
+    n = len(encoded)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((n, length), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        start = length - len(e.input_ids)
+        input_ids[row, start:] = torch.tensor(e.input_ids)
+        labels[row, start:] = torch.tensor(e.labels)
+        attention[row, start:] = 1
+    image_rows = torch.tensor([i for i, e in enumerate(encoded) if e.image is not None],
+                              dtype=torch.long)
+    return ModelBatch(input_ids=input_ids, attention_mask=attention, labels=labels,
+                      image_token_mask=(input_ids == image_token_id) & attention.bool(),
+                      pixel_values=pixel_values, image_rows=image_rows)

@@ -1,0 +1,143 @@
+"""Write the mini world to disk in the exact MMEdit schema (JSON records + PNG images).
+
+Deterministic from ``MiniWorldSpec`` (seed included); cached under a folder named by the spec's
+hash, built in a temporary folder and renamed into place, so a crash never leaves a half world.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmke.data.miniworld.facts import Fact, fact_bank
+from mmke.data.miniworld.questions import ask, caption, caption_prompts, counterfactual_caption
+from mmke.data.miniworld.render import render
+from mmke.data.miniworld.scene import Scene, sample_rendering, sample_scene
+from mmke.data.miniworld.vocab import QUESTION_TEMPLATES
+
+# Bump when the generator's output changes for the same spec, so caches are rebuilt.
+GENERATOR_VERSION = 1
+ANNOTATION_FILES = {("vqa", "train"): "vqa_train.json", ("vqa", "eval"): "vqa_eval.json",
+                    ("caption", "train"): "caption_train_edit.json",
+                    ("caption", "eval"): "caption_eval_edit.json"}
+PROBE_CATEGORIES = ("existence", "count", "position", "colour")
+
+
+@dataclass(frozen=True)
+class MiniWorldSpec:
+    """Everything the generated files depend on."""
+
+    seed: int = 0
+    image_size: int = 48
+    train_scenes: int = 1500
+    eval_scenes: int = 400
+    questions_per_scene: int = 3
+    loc_scenes: int = 200
+    fact_subjects: int = 60
+    probes_per_category: int = 100
+
+    def key(self) -> str:
+        payload = json.dumps({"v": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def ensure_miniworld(cache_dir: str | Path, spec: MiniWorldSpec) -> Path:
+    """The folder of the world for ``spec``, generating it the first time."""
+    root = Path(cache_dir) / "miniworld" / spec.key()
+    if (root / "manifest.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent))
+    try:
+        write_world(tmp, spec)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process finished first; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def write_world(out: Path, spec: MiniWorldSpec) -> None:
+    rng = np.random.default_rng(spec.seed)
+    facts = fact_bank(rng, spec.fact_subjects)
+    counts: dict[str, int] = {}
+    for split, n_scenes in (("train", spec.train_scenes), ("eval", spec.eval_scenes)):
+        scenes = [sample_scene(rng) for _ in range(n_scenes)]
+        loc_scenes = [sample_scene(rng) for _ in range(spec.loc_scenes)]
+        img_dir = out / "images" / split
+        img_dir.mkdir(parents=True)
+        for i, scene in enumerate(scenes):
+            _save(scene, rng, spec, img_dir / f"s{i:05d}.png")
+            _save(scene, rng, spec, img_dir / f"s{i:05d}_r.png")
+        for j, scene in enumerate(loc_scenes):
+            _save(scene, rng, spec, img_dir / f"l{j:05d}.png")
+        vqa, cap = [], []
+        for i, scene in enumerate(scenes):
+            base = {"image": f"images/{split}/s{i:05d}.png",
+                    "image_rephrase": f"images/{split}/s{i:05d}_r.png"}
+            kinds = rng.choice(list(QUESTION_TEMPLATES), size=spec.questions_per_scene, replace=False)
+            for kind in kinds:
+                q = ask(scene, str(kind), rng)
+                vqa.append({"src": q.texts[0], "pred": q.answer,
+                            "rephrase": q.texts[int(rng.integers(1, len(q.texts)))],
+                            "alt": q.alternatives[int(rng.integers(0, len(q.alternatives)))],
+                            **base, **_locality(rng, facts, loc_scenes, split), "kind": str(kind)})
+            prompts = caption_prompts()
+            cap.append({"src": prompts[0], "pred": caption(scene),
+                        "rephrase": prompts[int(rng.integers(1, len(prompts)))],
+                        "alt": counterfactual_caption(scene, rng),
+                        **base, **_locality(rng, facts, loc_scenes, split)})
+        for (task, s), name in ANNOTATION_FILES.items():
+            if s == split:
+                records = vqa if task == "vqa" else cap
+                (out / name).write_text(json.dumps(records, indent=1))
+                counts[name] = len(records)
+    counts.update(_write_probes(out, rng, spec))
+    (out / "facts.json").write_text(json.dumps([asdict(f) for f in facts], indent=1))
+    manifest = {"generator_version": GENERATOR_VERSION, "spec": asdict(spec), "counts": counts}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks completeness
+
+
+def _save(scene: Scene, rng: np.random.Generator, spec: MiniWorldSpec, path: Path) -> None:
+    render(scene, sample_rendering(rng, len(scene.objects)), spec.image_size).save(path)
+
+
+def _locality(rng: np.random.Generator, facts: list[Fact], loc_scenes: list[Scene],
+              split: str) -> dict[str, str]:
+    """A text-locality fact and an OK-VQA-like question about another picture."""
+    fact = facts[int(rng.integers(0, len(facts)))]
+    j = int(rng.integers(0, len(loc_scenes)))
+    kind = list(QUESTION_TEMPLATES)[int(rng.integers(0, len(QUESTION_TEMPLATES)))]
+    q = ask(loc_scenes[j], kind, rng)
+    return {"loc": fact.question, "loc_ans": fact.answer, "m_loc": f"images/{split}/l{j:05d}.png",
+            "m_loc_q": q.texts[int(rng.integers(0, len(q.texts)))], "m_loc_a": q.answer}
+
+
+def _write_probes(out: Path, rng: np.random.Generator, spec: MiniWorldSpec) -> dict[str, int]:
+    """MME-style probe sets (existence, count, position, colour) on scenes of their own."""
+    probe_dir = out / "images" / "probes"
+    probe_dir.mkdir(parents=True)
+    (out / "probes").mkdir()
+    counts = {}
+    for category in PROBE_CATEGORIES:
+        rows = []
+        for i in range(spec.probes_per_category):
+            scene = sample_scene(rng)
+            path = f"images/probes/{category}_{i:04d}.png"
+            _save(scene, rng, spec, out / path)
+            q = ask(scene, category, rng)
+            rows.append({"image": path, "question": q.texts[0], "answer": q.answer,
+                         "category": category})
+        (out / "probes" / f"{category}.json").write_text(json.dumps(rows, indent=1))
+        counts[f"probes/{category}.json"] = len(rows)
+    return counts

@@ -1,0 +1,98 @@
+"""The Editor contract: ``edit`` changes the model, ``restore`` brings it back bit-identical.
+
+Designed for every family of editor the papers compare:
+- weight editors (FT, MEND, AlphaEdit, M-ORE) change parameters and keep a ``WeightSnapshot``;
+- hook/memory editors (WISE, T-Patcher, GRACE) attach modules or hooks and detach them;
+- prompt editors (IKE) rewrite prompts through ``prepare_prompts``;
+- trained editors (MEND, SERAC) fit editor networks once on the train split in ``fit``.
+An evaluator only ever calls ``prepare_prompts`` and ``forward``, so all of these plug in alike.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mmke.backbones.base import Backbone, ForwardOutput, ModelBatch
+from mmke.data.record import EditRecord, Prompt
+from mmke.data.prompts import PromptTemplates
+from mmke.regularizers.base import NoRegularizer, Regularizer
+
+
+@dataclass
+class EditOutcome:
+    """What one call of ``edit`` did. A failed edit (NaN/inf loss) leaves the model restored."""
+
+    ok: bool = True
+    steps: int = 0
+    final_loss: float | None = None
+    seconds: float = 0.0
+    message: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Editor(ABC):
+    """Base class of all editors. Subclasses take typed hyperparameters in ``__init__``."""
+
+    #: whether ``fit`` must run on the train split before editing (MEND, SERAC)
+    needs_training: bool = False
+    #: whether extra loss terms from a Regularizer can enter this editor's optimisation
+    accepts_regularizer: bool = True
+
+    def __init__(self, regularizer: Regularizer | None = None, name: str = "") -> None:
+        self.name = name or type(self).__name__.lower()
+        self.regularizer = regularizer if regularizer is not None else NoRegularizer()
+        self.backbone: Backbone | None = None
+        self.templates = PromptTemplates()
+
+    def attach(self, backbone: Backbone, templates: PromptTemplates) -> None:
+        """Bind the editor to a backbone and the task's prompt templates (called once by the runner)."""
+        if self.regularizer.active and not self.accepts_regularizer:
+            raise TypeError(
+                f"{type(self).__name__} has no loss-based optimisation, so regularizer "
+                f"{type(self.regularizer).__name__} cannot be plugged in; use reg=none")
+        self.backbone = backbone
+        self.templates = templates
+
+    def fit(self, train_records: Sequence[EditRecord]) -> None:
+        """Train editor networks on the train split; a no-op for editors that need none."""
+
+    def edit(self, records: Sequence[EditRecord]) -> EditOutcome:
+        """Apply the edits of ``records`` (one record in the single protocol) on top of the current
+        state. Times the work; subclasses implement ``_apply``."""
+        if self.backbone is None:
+            raise RuntimeError("attach(backbone, templates) before edit()")
+        start = time.perf_counter()
+        outcome = self._apply(records)
+        outcome.seconds = time.perf_counter() - start
+        return outcome
+
+    @abstractmethod
+    def _apply(self, records: Sequence[EditRecord]) -> EditOutcome: ...
+
+    @abstractmethod
+    def restore(self) -> None:
+        """Undo every edit since the last restore; the model is bit-identical to before."""
+
+    def prepare_prompts(self, prompts: Sequence[Prompt]) -> list[Prompt]:
+        """Rewrite prompts before they are tokenized (IKE prepends demonstrations). Identity here."""
+        return list(prompts)
+
+    def forward(self, batch: ModelBatch, output_hidden_states: bool = False) -> ForwardOutput:
+        """The edited model's forward. Routing editors (SERAC) override it."""
+        assert self.backbone is not None
+        return self.backbone.forward(batch, output_hidden_states=output_hidden_states)
+
+
+class NoEdit(Editor):
+    """``editor=none``: evaluates the unedited model (the papers' "Pre-edited" rows)."""
+
+    accepts_regularizer = False
+
+    def _apply(self, records: Sequence[EditRecord]) -> EditOutcome:
+        return EditOutcome(ok=True, steps=0)
+
+    def restore(self) -> None:
+        return None

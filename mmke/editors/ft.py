@@ -1,0 +1,104 @@
+"""FT: fine-tune chosen modules (default: the FFN of the last three language layers) on the edit.
+
+The FT baseline of ODEdit Table 1 and ASAM Table 1 ("directly tunes the last three layers").
+Loss: NLL of the new target given image + edit prompt, plus any regularizer terms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from mmke.data.prompts import edit_prompts
+from mmke.data.record import EditRecord
+from mmke.editors.base import EditOutcome, Editor
+from mmke.editors.snapshot import WeightSnapshot, named_parameters_of
+from mmke.regularizers.base import Regularizer, RegularizerStep
+
+
+class FineTune(Editor):
+    """Adam on the selected modules for up to ``steps`` steps, stopping once the edit loss falls
+    below ``early_stop_loss``. ``layers`` index language layers (negative from the end), ``roles``
+    name per-layer modules (``ffn_in``, ``ffn_out``, ``attention``, ``layer``)."""
+
+    def __init__(self, layers: Sequence[int] = (-3, -2, -1),
+                 roles: Sequence[str] = ("ffn_in", "ffn_out"), lr: float = 5e-3, steps: int = 25,
+                 weight_decay: float = 0.0, early_stop_loss: float | None = 1e-2,
+                 regularizer: Regularizer | None = None, name: str = "ft") -> None:
+        super().__init__(regularizer, name)
+        if steps < 1 or lr <= 0:
+            raise ValueError("editor.steps must be >= 1 and editor.lr > 0")
+        self.layers, self.roles = list(layers), list(roles)
+        self.lr, self.steps, self.weight_decay = lr, steps, weight_decay
+        self.early_stop_loss = early_stop_loss
+        self._snapshot = WeightSnapshot()
+
+    def _edited_parameters(self) -> dict[str, torch.nn.Parameter]:
+        assert self.backbone is not None
+        mods = self.backbone.modules
+        return named_parameters_of({f"{role}[{mods.resolve_layer(i)}]": mods.by_role(role, i)
+                                    for i in self.layers for role in self.roles})
+
+    def _apply(self, records: Sequence[EditRecord]) -> EditOutcome:
+        backbone = self.backbone
+        assert backbone is not None
+        params = self._edited_parameters()
+        self._snapshot.save(params)
+        before = {n: p.detach().clone() for n, p in params.items()}  # to undo a failed edit only
+        batch = backbone.prepare([edit_prompts(r, self.templates)[0] for r in records])
+        optimizer = torch.optim.Adam(params.values(), lr=self.lr, weight_decay=self.weight_decay)
+        trainable = _only_trainable(backbone.model, params.values())
+        self.regularizer.begin(backbone, records, self.templates)
+        outcome = EditOutcome()
+        try:
+            for step in range(self.steps):
+                out = backbone.forward(batch, output_hidden_states=self.regularizer.needs_hidden_states)
+                task_loss = backbone.nll(batch, out)
+                loss = task_loss + self.regularizer.loss(RegularizerStep(step, batch, out, task_loss))
+                outcome.final_loss = loss.item()
+                if not math.isfinite(outcome.final_loss):
+                    _copy_back(params, before)
+                    return EditOutcome(ok=False, steps=step, final_loss=outcome.final_loss,
+                                       message=f"non-finite loss at step {step}; edit undone")
+                if self.early_stop_loss is not None and task_loss.item() < self.early_stop_loss:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                outcome.steps = step + 1
+        finally:
+            trainable.restore()
+            self.regularizer.end()
+        return outcome
+
+    def restore(self) -> None:
+        self._snapshot.restore()
+
+
+@torch.no_grad()
+def _copy_back(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    for name, p in params.items():
+        p.copy_(values[name])
+
+
+class _RequiresGrad:
+    """Remembers every parameter's ``requires_grad`` so it can be put back after an edit."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+
+
+def _only_trainable(model: torch.nn.Module, params) -> _RequiresGrad:
+    """Freeze everything but ``params`` (autograd then skips the rest of the model)."""
+    saved = _RequiresGrad(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return saved

@@ -1,0 +1,63 @@
+"""Protocols: the order of edits, evaluations and restores that defines an experiment."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from mmke.data.record import EditRecord
+from mmke.editors.base import EditOutcome, Editor
+from mmke.evaluation.evaluator import METRICS, Evaluator
+
+EditSink = Callable[[dict], None]
+
+
+@dataclass
+class EditRow:
+    """One evaluated edit: what the editor did, what it cost, and its metrics (in percent, as the
+    papers report them; None when the edit failed)."""
+
+    index: int
+    uid: str
+    outcome: EditOutcome
+    eval_s: float
+    metrics: dict[str, float] | None
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        row = {"index": self.index, "uid": self.uid, **self.extra, "ok": self.outcome.ok,
+               "steps": self.outcome.steps, "final_loss": self.outcome.final_loss,
+               "edit_s": self.outcome.seconds, "eval_s": self.eval_s}
+        for name in METRICS:
+            row[name] = None if self.metrics is None else 100.0 * self.metrics[name]
+        if self.outcome.message:
+            row["message"] = self.outcome.message
+        return row
+
+
+class Protocol(ABC):
+    """Runs ``records`` through ``editor`` and ``evaluator``, emitting one row per edit."""
+
+    def __init__(self, name: str = "", T: int = 1) -> None:
+        if T < 1:
+            raise ValueError("protocol.T must be >= 1")
+        self.name = name or type(self).__name__.lower()
+        self.T = T
+
+    @abstractmethod
+    def run(self, editor: Editor, evaluator: Evaluator, records: Sequence[EditRecord],
+            sink: EditSink, progress: bool = True) -> list[dict]: ...
+
+    @staticmethod
+    def _bar(total: int, desc: str, progress: bool) -> tqdm:
+        return tqdm(total=total, desc=desc, disable=not progress, unit="edit", dynamic_ncols=True)
+
+    @staticmethod
+    def _timed(fn: Callable[[], list[dict[str, float]]]) -> tuple[list[dict[str, float]], float]:
+        start = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - start

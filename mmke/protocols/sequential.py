@@ -1,0 +1,44 @@
+"""T-step sequential protocol: T edits one after another, then all T evaluated on the final model
+(ODEdit Table 2, ASAM long-term tables). Records are cut into streams of T; the model is
+restored between streams."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mmke.data.record import EditRecord
+from mmke.editors.base import EditOutcome, Editor
+from mmke.evaluation.evaluator import Evaluator
+from mmke.protocols.base import EditRow, EditSink, Protocol
+
+
+class Sequential(Protocol):
+    def __init__(self, name: str = "sequential", T: int = 5) -> None:
+        super().__init__(name, T)
+
+    def run(self, editor: Editor, evaluator: Evaluator, records: Sequence[EditRecord],
+            sink: EditSink, progress: bool = True) -> list[dict]:
+        assert editor.backbone is not None
+        if len(records) % self.T:
+            raise ValueError(f"{len(records)} records do not split into streams of T={self.T}; "
+                             "set n_edits to a multiple of protocol.T")
+        refs = evaluator.references(editor.backbone, records)
+        rows = []
+        with self._bar(len(records), f"{editor.name}: sequential T={self.T}", progress) as bar:
+            for stream, start in enumerate(range(0, len(records), self.T)):
+                chunk = records[start:start + self.T]
+                outcomes: list[EditOutcome] = []
+                for record in chunk:
+                    outcomes.append(editor.edit([record]))
+                    bar.update()
+                ok = [i for i, o in enumerate(outcomes) if o.ok]
+                metrics, eval_s = self._timed(lambda: evaluator.evaluate(
+                    editor, [chunk[i] for i in ok], [refs[start + i] for i in ok]))
+                editor.restore()
+                by_position = dict(zip(ok, metrics))
+                for pos, (record, outcome) in enumerate(zip(chunk, outcomes)):
+                    row = EditRow(start + pos, record.uid, outcome, eval_s / max(1, len(ok)),
+                                  by_position.get(pos), {"stream": stream, "position": pos}).as_dict()
+                    sink(row)
+                    rows.append(row)
+        return rows

@@ -1,0 +1,1 @@
+"""Plug-in loss terms for loss-based editors (ODEdit, ASAM)."""

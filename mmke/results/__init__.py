@@ -1,0 +1,7 @@
+"""Run folders: ``RunWriter`` writes one run atomically; ``load_runs``/``load_summaries`` read
+complete runs back as tidy pandas tables."""
+
+from mmke.results.load import load_runs, load_summaries
+from mmke.results.run_folder import RunWriter
+
+__all__ = ["RunWriter", "load_runs", "load_summaries"]

@@ -1,0 +1,43 @@
+"""Aggregate per-edit rows into a run summary, and show it as a table."""
+
+from __future__ import annotations
+
+import math
+import resource
+from collections.abc import Sequence
+from statistics import fmean
+
+import pandas as pd
+
+from mmke.evaluation.evaluator import METRICS
+from mmke.evaluation.names import METRIC_LABELS
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return fmean(values) if values else None
+
+
+def summarize(rows: Sequence[dict], wall_s: float, eval_forwards: int) -> dict:
+    """Metric means over successful edits (percent), counts, and cost."""
+    ok = [r for r in rows if r["ok"]]
+    summary: dict = {m: _mean([r[m] for r in ok]) for m in METRICS}
+    summary.update(n_edits=len(rows), n_failed=len(rows) - len(ok))
+    summary["cost"] = {
+        "edit_s": _mean([r["edit_s"] for r in rows]),
+        "eval_s": _mean([r["eval_s"] for r in ok]),
+        "steps": _mean([r["steps"] for r in rows]),
+        "eval_forwards": eval_forwards,
+        "eval_forwards_per_edit": eval_forwards / max(1, len(rows)),
+        "wall_s": wall_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    return summary
+
+
+def summary_table(summary: dict, label: str) -> pd.DataFrame:
+    """One-row table with the papers' column names."""
+    row = {METRIC_LABELS[m]: summary[m] for m in METRICS}
+    row["edits"] = summary["n_edits"]
+    row["failed"] = summary["n_failed"]
+    return pd.DataFrame([row], index=[label])

@@ -1,0 +1,76 @@
+"""`python run.py` end to end in a subprocess: run folder, summary, and clear failures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, cache_dir
+
+
+def run_cli(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MMKE_CACHE_DIR": str(cache_dir()), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "run.py", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
+                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_default_run_writes_a_complete_run_folder(tmp_path, pretrained):
+    proc = run_cli("n_edits=3", "logger=csv", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    for name in ("config.yaml", "meta.json", "edits.jsonl", "summary.json", "edits.csv", "summary.csv"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["n_edits"] == 3 and summary["n_failed"] == 0
+    assert len((run / "edits.jsonl").read_text().splitlines()) == 3
+    for label in ("Rel.", "T-Gen.", "M-Gen.", "T-Loc.", "M-Loc."):
+        assert label in proc.stdout
+
+
+def test_sequential_protocol_from_the_command_line(tmp_path, pretrained):
+    proc = run_cli("n_edits=4", "protocol=sequential", "protocol.T=2", "editor=none",
+                   tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "edits.jsonl").read_text().splitlines()]
+    assert [r["stream"] for r in rows] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["backbone=blip2"], "backbone.path is not set"),
+    (["backbone=blip2", "backbone.path=/no/such/blip2"], "no weights at backbone.path=/no/such/blip2"),
+    (["data=mmedit_vqa"], "data.root is not set"),
+])
+def test_missing_inputs_exit_nonzero_with_the_setting_named(tmp_path, overrides, needle):
+    proc = run_cli(*overrides, tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_missing_images_are_reported_before_anything_runs(tmp_path, shared_data):
+    proc = run_cli("data=mmedit_vqa", f"data.annotation_dir={shared_data / 'mmedit'}",
+                   f"data.image_root={tmp_path / 'images'}", tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert "image file(s) missing" in proc.stderr and "data.root" in proc.stderr
+    assert not (tmp_path / "run" / "edits.jsonl.partial").exists()
+
+
+def test_malformed_annotation_file_names_file_and_record(tmp_path):
+    bad = tmp_path / "ann"
+    bad.mkdir()
+    (bad / "vqa_eval.json").write_text(json.dumps([{"src": "q", "pred": "a"}]))
+    (bad / "vqa_train.json").write_text("[]")
+    proc = run_cli("data=mmedit_vqa", f"data.annotation_dir={bad}", f"data.image_root={tmp_path}",
+                   tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert "vqa_eval.json" in proc.stderr and "record 0" in proc.stderr and "'rephrase'" in proc.stderr
+
+
+def test_unknown_config_option_fails(tmp_path):
+    proc = run_cli("editor=no_such_editor", tmp_path=tmp_path)
+    assert proc.returncode != 0
+    assert "no_such_editor" in proc.stderr

@@ -1,0 +1,69 @@
+"""Every config group composes, and every option instantiates (or says clearly what is missing)."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from mmke.backbones.base import Backbone
+from mmke.errors import DataError, WeightsNotFoundError
+from tests.conftest import CONF, compose_config
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_groups_are_the_documented_ones():
+    assert {"backbone", "data", "editor", "reg", "protocol", "eval", "logger", "paths",
+            "debug"} <= set(GROUPS)
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    assert cfg[group] is not None or group == "debug"
+
+
+@pytest.mark.parametrize("group", ["editor", "reg", "protocol", "eval", "logger"])
+def test_every_light_option_instantiates(group):
+    for option in options(group):
+        cfg = compose_config([f"{group}={option}"])
+        obj = instantiate(cfg[group])
+        assert obj is not None
+        if group in ("editor", "reg", "protocol"):
+            assert obj.name == cfg[group].name
+
+
+def test_mini_data_sources_instantiate():
+    for option in ("mini_vqa", "mini_caption"):
+        source = instantiate(compose_config([f"data={option}"]).data)
+        assert len(source.records("eval", limit=3)) == 3
+
+
+def test_real_mmedit_needs_a_root():
+    with pytest.raises(DataError, match="data.root is not set"):
+        instantiate(compose_config(["data=mmedit_vqa"]).data)
+
+
+def test_real_mmedit_loads_the_shared_annotations(shared_data: Path):
+    cfg = compose_config(["data=mmedit_caption", f"data.annotation_dir={shared_data / 'mmedit'}",
+                          "data.image_root=/nowhere"])
+    assert len(instantiate(cfg.data).records("eval")) == 1000
+
+
+def test_tiny_backbone_instantiates(pretrained):
+    assert isinstance(pretrained, Backbone)
+
+
+def test_real_blip2_without_weights_names_the_setting():
+    with pytest.raises(WeightsNotFoundError, match="backbone.path"):
+        instantiate(compose_config(["backbone=blip2"]).backbone)
+
+
+def test_unknown_option_is_a_composition_error():
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["editor=no_such_editor"])
