@@ -55,9 +55,10 @@ def test_sequential_edits_restore_to_the_original(ft, pretrained, vqa_source):
 
 
 def test_the_edit_changes_the_generated_answer(ft, pretrained, vqa_source):
-    record = vqa_source.records("eval", limit=1)[0]
-    rel = edit_prompts(record, vqa_source.templates)[0]
-    assert pretrained.generate([rel])[0] == record.pred
+    candidates = vqa_source.records("eval", limit=20)
+    prompts = [edit_prompts(r, vqa_source.templates)[0] for r in candidates]
+    answers = pretrained.generate(prompts)
+    record, rel = next((r, p) for r, p, a in zip(candidates, prompts, answers) if a == r.pred)
     ft.edit([record])
     assert pretrained.generate([rel])[0] == record.alt
     ft.restore()

@@ -26,17 +26,18 @@ from mmke.data.prompts import CAPTION_TEMPLATE, PromptTemplates
 from mmke.evaluation.knowledge import knowledge_report
 
 # Bump when the build recipe changes for the same settings, so caches are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
 class TinyBlip2Spec:
     vocab_size: int = 640
-    patch_size: int = 8
+    patch_size: int = 16  # a 3x3 grid: one cell per column and row of the mini world
     vision_hidden: int = 64
     vision_layers: int = 2
     qformer_hidden: int = 64
     qformer_layers: int = 2
+    cross_attention_frequency: int = 2
     num_query_tokens: int = 8
     text_hidden: int = 128
     text_layers: int = 4
@@ -57,7 +58,8 @@ def tiny_blip2_model(spec: TinyBlip2Spec, image_size: int, image_token_id: int,
     qformer = Blip2QFormerConfig(hidden_size=spec.qformer_hidden, num_hidden_layers=spec.qformer_layers,
                                  num_attention_heads=spec.heads, intermediate_size=2 * spec.qformer_hidden,
                                  encoder_hidden_size=spec.vision_hidden, vocab_size=2,
-                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                 cross_attention_frequency=spec.cross_attention_frequency)
     text = OPTConfig(vocab_size=spec.vocab_size, hidden_size=spec.text_hidden,
                      num_hidden_layers=spec.text_layers, ffn_dim=spec.text_ffn,
                      num_attention_heads=spec.heads, max_position_embeddings=spec.max_positions,

@@ -11,7 +11,7 @@ from mmke.data.prompts import CAPTION_TEMPLATE, VQA_TEMPLATE
 from mmke.data.record import Prompt
 
 
-def pretraining_prompts(world: Path, fact_repeats: int = 3) -> list[Prompt]:
+def pretraining_prompts(world: Path, fact_repeats: int = 8) -> list[Prompt]:
     """True-answer prompts from the train split of both tasks: each question with its image,
     its rephrase, and its re-rendered image; every locality question once; every fact of the
     world ``fact_repeats`` times (facts are memorised, pictures are generalised)."""

@@ -15,10 +15,10 @@ from mmke.data.record import Prompt
 
 @dataclass(frozen=True)
 class PretrainSpec:
-    epochs: int = 8
-    batch_size: int = 128
+    epochs: int = 6
+    batch_size: int = 64
     lr: float = 1e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     weight_decay: float = 0.01
     seed: int = 0
 

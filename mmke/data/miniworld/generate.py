@@ -23,7 +23,7 @@ from mmke.data.miniworld.scene import Scene, sample_rendering, sample_scene
 from mmke.data.miniworld.vocab import QUESTION_TEMPLATES
 
 # Bump when the generator's output changes for the same spec, so caches are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 ANNOTATION_FILES = {("vqa", "train"): "vqa_train.json", ("vqa", "eval"): "vqa_eval.json",
                     ("caption", "train"): "caption_train_edit.json",
                     ("caption", "eval"): "caption_eval_edit.json"}
@@ -42,6 +42,7 @@ class MiniWorldSpec:
     loc_scenes: int = 200
     fact_subjects: int = 60
     probes_per_category: int = 100
+    max_jitter: int = 1
 
     def key(self) -> str:
         payload = json.dumps({"v": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
@@ -109,7 +110,8 @@ def write_world(out: Path, spec: MiniWorldSpec) -> None:
 
 
 def _save(scene: Scene, rng: np.random.Generator, spec: MiniWorldSpec, path: Path) -> None:
-    render(scene, sample_rendering(rng, len(scene.objects)), spec.image_size).save(path)
+    rendering = sample_rendering(rng, len(scene.objects), spec.max_jitter)
+    render(scene, rendering, spec.image_size).save(path)
 
 
 def _locality(rng: np.random.Generator, facts: list[Fact], loc_scenes: list[Scene],

@@ -9,7 +9,7 @@ from mmke.data.miniworld.vocab import COLOURS, COLUMNS
 
 # Radius of a shape as a fraction of the image side, by size class (apart enough that the
 # rendering scale jitter of +-15% never makes a small object look big).
-RADIUS_FRACTION = {"small": 0.065, "big": 0.115}
+RADIUS_FRACTION = {"small": 0.085, "big": 0.14}
 
 
 def render(scene: Scene, rendering: Rendering, image_size: int) -> Image.Image:
@@ -27,8 +27,10 @@ def render(scene: Scene, rendering: Rendering, image_size: int) -> Image.Image:
             draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
         elif obj.shape == "triangle":
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-        elif obj.shape == "diamond":
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        elif obj.shape == "cross":
+            arm = r / 2.5
+            draw.rectangle([cx - r, cy - arm, cx + r, cy + arm], fill=fill)
+            draw.rectangle([cx - arm, cy - r, cx + arm, cy + r], fill=fill)
         else:
             raise ValueError(f"unknown shape {obj.shape}")
     return img

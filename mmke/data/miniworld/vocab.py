@@ -6,7 +6,7 @@ paraphrase the backbone already understands; an edit must carry over to it (T-Ge
 
 from __future__ import annotations
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 40),
