@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mmke.config import build
 
 from mmke.data.mmedit import check_images
 from mmke.evaluation.evaluator import Evaluator
@@ -35,15 +36,18 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     start = time.perf_counter()
     seed_everything(int(cfg.seed))
     run_dir = Path(run_dir if run_dir is not None else cfg.paths.run_dir)
-    source = instantiate(cfg.data)
+    cfg = cfg.copy()
+    with open_dict(cfg):  # outside a Hydra app the default ${hydra:...} cannot resolve
+        cfg.paths.run_dir = str(run_dir)
+    source = build(cfg.data)
     records = source.records("eval", limit=int(cfg.n_edits))
     check_images(records)
-    backbone = instantiate(cfg.backbone)
-    regularizer = instantiate(cfg.reg)
-    editor = instantiate(cfg.editor, regularizer=regularizer)
-    protocol = instantiate(cfg.protocol)
-    evaluator = Evaluator(instantiate(cfg.eval), source.templates)
-    logger = instantiate(cfg.logger)
+    backbone = build(cfg.backbone)
+    regularizer = build(cfg.reg)
+    editor = build(cfg.editor, regularizer=regularizer)
+    protocol = build(cfg.protocol)
+    evaluator = Evaluator(build(cfg.eval), source.templates)
+    logger = build(cfg.logger)
     if editor.needs_training:
         editor.fit(source.records("train"))
     editor.attach(backbone, source.templates)

@@ -67,7 +67,7 @@ def test_malformed_annotation_file_names_file_and_record(tmp_path):
     proc = run_cli("data=mmedit_vqa", f"data.annotation_dir={bad}", f"data.image_root={tmp_path}",
                    tmp_path=tmp_path)
     assert proc.returncode == 2
-    assert "vqa_eval.json" in proc.stderr and "record 0" in proc.stderr and "'rephrase'" in proc.stderr
+    assert "vqa_eval.json" in proc.stderr and "record 0" in proc.stderr and "'alt'" in proc.stderr
 
 
 def test_unknown_config_option_fails(tmp_path):

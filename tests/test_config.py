@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
 
 from mmke.backbones.base import Backbone
+from mmke.config import build as instantiate
 from mmke.errors import DataError, WeightsNotFoundError
 from tests.conftest import CONF, compose_config
 
@@ -25,7 +25,8 @@ def test_groups_are_the_documented_ones():
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(group, option):
     cfg = compose_config([f"{group}={option}"])
-    assert cfg[group] is not None or group == "debug"
+    if group != "debug":  # debug presets are global overrides, not a node of their own
+        assert cfg[group] is not None
 
 
 @pytest.mark.parametrize("group", ["editor", "reg", "protocol", "eval", "logger"])

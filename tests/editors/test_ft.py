@@ -60,7 +60,8 @@ def test_the_edit_changes_the_generated_answer(ft, pretrained, vqa_source):
     answers = pretrained.generate(prompts)
     record, rel = next((r, p) for r, p, a in zip(candidates, prompts, answers) if a == r.pred)
     ft.edit([record])
-    assert pretrained.generate([rel])[0] == record.alt
+    # FT trains the target tokens only (as EasyEdit), not an end token: check the answer begins it
+    assert pretrained.generate([rel])[0].startswith(record.alt)
     ft.restore()
     assert pretrained.generate([rel])[0] == record.pred
 
