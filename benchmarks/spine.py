@@ -65,7 +65,9 @@ def bench_evaluation(backbone, source, n: int) -> None:
     records = source.records("eval", limit=n)
     editor = NoEdit()  # the model state is fixed, so only evaluation is timed
     editor.attach(backbone, source.templates)
-    easyedit_style(backbone, editor, records[:2], source.templates)  # warm-up
+    # Warm-up: decode every picture into the pixel cache, so both sides time the model alone.
+    backbone.prepare([p for r in records for p in edit_prompts(r, source.templates)])
+    easyedit_style(backbone, editor, records[:2], source.templates)
     evaluator = Evaluator(MetricSpec(), source.templates)
     start = time.perf_counter()
     SingleEdit().run(editor, evaluator, records, lambda row: None, progress=False)

@@ -23,8 +23,10 @@ class ModelBatch:
     """A padded batch of prompts. Padding is on the left so generation and scoring share layouts.
 
     ``labels`` hold the target token ids at the target positions and ``IGNORE_INDEX`` elsewhere
-    (target-only labels). ``pixel_values`` holds one image per row of ``image_rows``; text-only
-    rows have no image and no image tokens. ``image_token_mask`` marks image-token positions.
+    (target-only labels). ``pixel_values`` holds each distinct image of the batch once;
+    ``image_rows`` lists the rows that have an image and ``image_index`` which entry of
+    ``pixel_values`` each of them shows (a record's edit and rephrase prompts share one picture).
+    Text-only rows have no image tokens. ``image_token_mask`` marks image-token positions.
     """
 
     input_ids: torch.Tensor
@@ -33,6 +35,7 @@ class ModelBatch:
     image_token_mask: torch.Tensor
     pixel_values: torch.Tensor | None
     image_rows: torch.Tensor
+    image_index: torch.Tensor
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelBatch:
         moved = {}

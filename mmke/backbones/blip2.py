@@ -16,8 +16,8 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 
 from mmke.backbones.base import (Backbone, EditableModules, EncodedPrompt, ForwardOutput,
                                  ModelBatch)
-from mmke.backbones.encoding import collate_left, encode_pair
-from mmke.backbones.pixels import PixelCache
+from mmke.backbones.encoding import collate_left, distinct_images, encode_pair
+from mmke.backbones.pixels import PixelCache, TokenCache
 from mmke.backbones.weights import check_weights_path
 from mmke.data.record import Prompt
 from mmke.devices import resolve_device, resolve_dtype
@@ -82,6 +82,7 @@ class Blip2Backbone(Backbone):
         self.eos_id = tokenizer.eos_token_id
         self._modules = OPTModules(model)
         self._pixels = PixelCache(self._process_images, pixel_cache_size)
+        self._token_ids = TokenCache(tokenizer)
 
     @property
     def modules(self) -> EditableModules:
@@ -100,18 +101,17 @@ class Blip2Backbone(Backbone):
         text = self.prompt_format.format(prompt.text)
         prefix = ([self.image_token_id] * self.num_query_tokens if prompt.image is not None else [])
         prefix += ([self.bos_id] if self.bos_id is not None else [])
-        prefix += self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        target = (self.tokenizer(" " + prompt.target, add_special_tokens=False)["input_ids"]
-                  if with_target else [])
+        prefix += self._token_ids(text)
+        target = self._token_ids(" " + prompt.target) if with_target else []
         if append_eos and self.eos_id is not None:
             target = target + [self.eos_id]
         return encode_pair(prefix, target, prompt.image, self.image_token_id,
                            self.num_query_tokens, where=f"{prompt.kind} prompt {text!r}")
 
     def collate(self, encoded: list[EncodedPrompt]) -> ModelBatch:
-        images = [e.image for e in encoded if e.image is not None]
+        images, index = distinct_images(encoded)
         pixels = self._pixels.get(images) if images else None
-        return collate_left(encoded, self.pad_id, self.image_token_id, pixels)
+        return collate_left(encoded, self.pad_id, self.image_token_id, pixels, index)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected Q-Former outputs, [n_images, num_query_tokens, lm_hidden]."""
@@ -121,8 +121,9 @@ class Blip2Backbone(Backbone):
         embeds = self.language_model.get_input_embeddings()(batch.input_ids)
         if batch.pixel_values is None:
             return embeds
-        features = self.image_features(batch.pixel_values).to(embeds.dtype)
-        # image_token_mask is row-major and pixel_values are in row order, so they line up.
+        # Each distinct picture goes through the vision tower once, then to every row showing it;
+        # image_token_mask is row-major and image_index is in row order, so they line up.
+        features = self.image_features(batch.pixel_values)[batch.image_index].to(embeds.dtype)
         mask = batch.image_token_mask.unsqueeze(-1).expand_as(embeds)
         return embeds.masked_scatter(mask, features.reshape(-1, features.shape[-1]))
 

@@ -25,8 +25,15 @@ def encode_pair(prefix_ids: list[int], target_ids: list[int], image: LazyImage |
     return EncodedPrompt(tuple(ids), tuple(labels), image, count)
 
 
+def distinct_images(encoded: list[EncodedPrompt]) -> tuple[list[LazyImage], list[int]]:
+    """The distinct images of a batch, in first-seen order, and each image row's index into them."""
+    order: dict[LazyImage, int] = {}
+    index = [order.setdefault(e.image, len(order)) for e in encoded if e.image is not None]
+    return list(order), index
+
+
 def collate_left(encoded: list[EncodedPrompt], pad_id: int, image_token_id: int,
-                 pixel_values: torch.Tensor | None) -> ModelBatch:
+                 pixel_values: torch.Tensor | None, image_index: list[int]) -> ModelBatch:
     """Pad on the left (decoder-only generation and scoring share one layout)."""
     length = max(len(e.input_ids) for e in encoded)
     n = len(encoded)
@@ -42,4 +49,5 @@ def collate_left(encoded: list[EncodedPrompt], pad_id: int, image_token_id: int,
                               dtype=torch.long)
     return ModelBatch(input_ids=input_ids, attention_mask=attention, labels=labels,
                       image_token_mask=(input_ids == image_token_id) & attention.bool(),
-                      pixel_values=pixel_values, image_rows=image_rows)
+                      pixel_values=pixel_values, image_rows=image_rows,
+                      image_index=torch.tensor(image_index, dtype=torch.long))

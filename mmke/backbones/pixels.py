@@ -1,4 +1,4 @@
-"""A small per-backbone cache of preprocessed images, keyed by file path."""
+"""Small per-backbone caches: preprocessed images by file path, token ids by text."""
 
 from __future__ import annotations
 
@@ -35,3 +35,24 @@ class PixelCache:
         while len(self._items) > self._capacity:
             self._items.popitem(last=False)
         return torch.stack(out)
+
+
+class TokenCache:
+    """LRU of token ids by text: evaluation tokenizes the same strings again and again (the
+    locality prompts before and after every edit, the edit question for Rel and M-Gen)."""
+
+    def __init__(self, tokenizer, capacity: int = 8192) -> None:
+        self._tokenizer = tokenizer
+        self._capacity = capacity
+        self._items: OrderedDict[str, list[int]] = OrderedDict()
+
+    def __call__(self, text: str) -> list[int]:
+        ids = self._items.get(text)
+        if ids is None:
+            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+            self._items[text] = ids
+            if len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(text)
+        return list(ids)

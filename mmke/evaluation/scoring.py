@@ -45,18 +45,19 @@ def compared_positions(batch: ModelBatch, row: int, mode: str) -> torch.Tensor:
     return text.nonzero(as_tuple=True)[0]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_prompts(forward: Callable[[ModelBatch], ForwardOutput], backbone: Backbone,
                   prompts: Sequence[Prompt], needs: Sequence[Need], positions: str) -> list[PromptOutput]:
     """Score ``prompts`` with a single forward of ``forward`` (the edited or unedited model)."""
     batch = backbone.prepare(prompts)
     logits = forward(batch).logits
+    # One argmax and one comparison for the whole batch; rows are cut apart on the CPU.
+    targets = batch.labels[:, 1:]
+    is_target = (targets != IGNORE_INDEX).cpu()
+    correct = target_correct(logits[:, :-1], targets).cpu()
     outputs = []
     for row, need in enumerate(needs):
-        cols = (batch.labels[row, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)[0]
-        targets = batch.labels[row, cols + 1]
-        correct = target_correct(logits[row, cols], targets).cpu()
-        out = PromptOutput(correct)
+        out = PromptOutput(correct[row][is_target[row]])
         if need.k or need.logprobs:
             at = logits[row, compared_positions(batch, row, positions)].float()
             if need.k:
