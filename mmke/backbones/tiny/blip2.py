@@ -16,6 +16,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QForm
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from mmke.backbones.blip2 import Blip2Backbone, load_blip2, save_blip2
+from mmke.backbones.tiny.blip2_stage1 import Stage1Spec, representation_stage
 from mmke.backbones.tiny.builder import cache_key, cached_build
 from mmke.backbones.tiny.corpus import pretraining_prompts, tokenizer_corpus
 from mmke.backbones.tiny.pretrain import PretrainSpec, pretrain
@@ -26,7 +27,7 @@ from mmke.data.prompts import CAPTION_TEMPLATE, PromptTemplates
 from mmke.evaluation.knowledge import knowledge_report
 
 # Bump when the build recipe changes for the same settings, so caches are rebuilt.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,12 @@ def tiny_blip2_model(spec: TinyBlip2Spec, image_size: int, image_token_id: int,
 
 
 def build_tiny_blip2(out: Path, world: Path, world_spec: MiniWorldSpec, spec: TinyBlip2Spec,
-                     train: PretrainSpec, progress: bool = True) -> dict:
-    """Train tokenizer and model on ``world`` and save both into ``out``; return the report."""
+                     train: PretrainSpec, stage1: Stage1Spec, progress: bool = True) -> dict:
+    """Train tokenizer and model on ``world`` and save both into ``out``; return the report.
+
+    Two stages, as BLIP-2's own recipe: representation learning of the vision tower and Q-Former
+    (``blip2_stage1``), then generative learning of projector and language model on the train
+    split's prompts with the vision side frozen."""
     torch.manual_seed(train.seed)
     tokenizer = train_tokenizer(tokenizer_corpus(world), spec.vocab_size)
     model = tiny_blip2_model(spec, world_spec.image_size, tokenizer.convert_tokens_to_ids(IMAGE),
@@ -96,8 +101,15 @@ def build_tiny_blip2(out: Path, world: Path, world_spec: MiniWorldSpec, spec: Ti
     size = {"height": world_spec.image_size, "width": world_spec.image_size}
     backbone = Blip2Backbone(model, tokenizer, BlipImageProcessorPil(size=size), name="tiny_blip2",
                              pixel_cache_size=100_000)
-    stats = pretrain(backbone, pretraining_prompts(world), train, progress=progress)
-    report = {"parameters": sum(p.numel() for p in model.parameters()), **stats}
+    report: dict = {"parameters": sum(p.numel() for p in model.parameters())}
+    if stage1.steps:
+        report.update(representation_stage(backbone, world, stage1))
+    frozen = [*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens]
+    for p in frozen:
+        p.requires_grad_(not stage1.steps)
+    report.update(pretrain(backbone, pretraining_prompts(world), train, progress=progress))
+    for p in frozen:
+        p.requires_grad_(True)
     for task, template in (("vqa", "Question: {} Short answer:"), ("caption", CAPTION_TEMPLATE)):
         records = load_mmedit(world / ANNOTATION_FILES[(task, "eval")], world, task)
         known = knowledge_report(backbone, records, PromptTemplates(edit=template))
@@ -107,14 +119,17 @@ def build_tiny_blip2(out: Path, world: Path, world_spec: MiniWorldSpec, spec: Ti
 
 
 def tiny_blip2(cache_dir: str, world: dict | None = None, model: dict | None = None,
-               pretraining: dict | None = None, dtype: str = "float32", device: str = "auto",
+               pretraining: dict | None = None, stage1: dict | None = None,
+               dtype: str = "float32", device: str = "auto",
                name: str = "tiny_blip2", progress: bool = True) -> Blip2Backbone:
     """The cached tiny BLIP-2 for these settings, built (about 5 minutes on 2 cores) if missing."""
     world_spec = MiniWorldSpec(**(world or {}))
     spec = TinyBlip2Spec(**(model or {}))
     train = PretrainSpec(**(pretraining or {}))
+    first = Stage1Spec(**(stage1 or {}))
     world_dir = ensure_miniworld(cache_dir, world_spec)
-    key = cache_key(RECIPE_VERSION, world_spec.key(), asdict(spec), asdict(train))
+    key = cache_key(RECIPE_VERSION, world_spec.key(), asdict(spec), asdict(train), asdict(first))
     folder = Path(cache_dir) / "backbones" / "tiny_blip2" / key
-    cached_build(folder, lambda out: build_tiny_blip2(out, world_dir, world_spec, spec, train, progress))
+    cached_build(folder, lambda out: build_tiny_blip2(out, world_dir, world_spec, spec, train, first,
+                                                      progress))
     return load_blip2(str(folder), dtype=dtype, device=device, name=name)

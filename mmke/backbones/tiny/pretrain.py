@@ -15,7 +15,7 @@ from mmke.data.record import Prompt
 
 @dataclass(frozen=True)
 class PretrainSpec:
-    epochs: int = 6
+    epochs: int = 12
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 200
@@ -30,7 +30,8 @@ def pretrain(backbone: Backbone, prompts: Sequence[Prompt], spec: PretrainSpec,
     encoded = [backbone.encode(p, append_eos=True) for p in prompts]
     model = backbone.model
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parts stay exact
+    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
     steps_per_epoch = math.ceil(len(encoded) / spec.batch_size)
     total = steps_per_epoch * spec.epochs
 
@@ -52,7 +53,7 @@ def pretrain(backbone: Backbone, prompts: Sequence[Prompt], spec: PretrainSpec,
             loss = backbone.nll(batch, backbone.forward(batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
             loss_value = loss.item()

@@ -23,7 +23,7 @@ from mmke.data.miniworld.scene import Scene, sample_rendering, sample_scene
 from mmke.data.miniworld.vocab import QUESTION_TEMPLATES
 
 # Bump when the generator's output changes for the same spec, so caches are rebuilt.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 ANNOTATION_FILES = {("vqa", "train"): "vqa_train.json", ("vqa", "eval"): "vqa_eval.json",
                     ("caption", "train"): "caption_train_edit.json",
                     ("caption", "eval"): "caption_eval_edit.json"}
@@ -72,6 +72,7 @@ def write_world(out: Path, spec: MiniWorldSpec) -> None:
     rng = np.random.default_rng(spec.seed)
     facts = fact_bank(rng, spec.fact_subjects)
     counts: dict[str, int] = {}
+    annotations: dict[str, dict[str, list[dict]]] = {}
     for split, n_scenes in (("train", spec.train_scenes), ("eval", spec.eval_scenes)):
         scenes = [sample_scene(rng) for _ in range(n_scenes)]
         loc_scenes = [sample_scene(rng) for _ in range(spec.loc_scenes)]
@@ -82,6 +83,10 @@ def write_world(out: Path, spec: MiniWorldSpec) -> None:
             _save(scene, rng, spec, img_dir / f"s{i:05d}_r.png")
         for j, scene in enumerate(loc_scenes):
             _save(scene, rng, spec, img_dir / f"l{j:05d}.png")
+        annotations[split] = {f"images/{split}/{name}.png": [asdict(o) for o in scene.objects]
+                              for i, scene in enumerate(scenes) for name in (f"s{i:05d}", f"s{i:05d}_r")}
+        annotations[split].update({f"images/{split}/l{j:05d}.png": [asdict(o) for o in scene.objects]
+                                   for j, scene in enumerate(loc_scenes)})
         vqa, cap = [], []
         for i, scene in enumerate(scenes):
             base = {"image": f"images/{split}/s{i:05d}.png",
@@ -105,6 +110,8 @@ def write_world(out: Path, spec: MiniWorldSpec) -> None:
                 counts[name] = len(records)
     counts.update(_write_probes(out, rng, spec))
     (out / "facts.json").write_text(json.dumps([asdict(f) for f in facts], indent=1))
+    # What every picture shows, as COCO ships object annotations beside its images.
+    (out / "scenes.json").write_text(json.dumps(annotations))
     manifest = {"generator_version": GENERATOR_VERSION, "spec": asdict(spec), "counts": counts}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks completeness
 
