@@ -19,7 +19,7 @@ from mmke.backbones.base import (Backbone, EditableModules, EncodedPrompt, Forwa
 from mmke.backbones.encoding import collate_left, distinct_images, encode_pair
 from mmke.backbones.pixels import PixelCache, TokenCache
 from mmke.backbones.weights import check_weights_path
-from mmke.data.record import Prompt
+from mmke.data.record import LazyImage, Prompt
 from mmke.devices import resolve_device, resolve_dtype
 
 
@@ -95,6 +95,10 @@ class Blip2Backbone(Backbone):
     def _process_images(self, images: list) -> torch.Tensor:
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
+    def pixels(self, images: list[LazyImage]) -> torch.Tensor:
+        """Processed pixel values of ``images`` (cached by path), [n, channels, height, width]."""
+        return self._pixels.get(images)
+
     def encode(self, prompt: Prompt, append_eos: bool = False,
                with_target: bool = True) -> EncodedPrompt:
         """Token ids and target-only labels of one prompt; ``with_target=False`` for generation."""
@@ -110,7 +114,7 @@ class Blip2Backbone(Backbone):
 
     def collate(self, encoded: list[EncodedPrompt]) -> ModelBatch:
         images, index = distinct_images(encoded)
-        pixels = self._pixels.get(images) if images else None
+        pixels = self.pixels(images) if images else None
         return collate_left(encoded, self.pad_id, self.image_token_id, pixels, index)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

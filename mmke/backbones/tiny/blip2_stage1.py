@@ -70,7 +70,7 @@ def representation_stage(backbone: Blip2Backbone, world: Path, spec: Stage1Spec)
 
     def data(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         paths = list(scenes[split])
-        pixels = backbone._pixels.get([LazyImage(world / p) for p in paths])
+        pixels = backbone.pixels([LazyImage(world / p) for p in paths])
         return pixels, torch.stack([column_labels(scenes[split][p]) for p in paths])
 
     pixels, labels = data("train")
