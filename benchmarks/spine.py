@@ -85,7 +85,7 @@ def bench_restore(backbone, source) -> None:
     editor = FineTune()
     editor.attach(backbone, source.templates)
     editor.edit(source.records("eval", limit=1))
-    snapshot_bytes = editor._snapshot.nbytes
+    snapshot_bytes = editor.snapshot.nbytes
     start = time.perf_counter()
     editor.restore()
     restore_s = time.perf_counter() - start

@@ -23,9 +23,9 @@ class ModelBatch:
     """A padded batch of prompts. Padding is on the left so generation and scoring share layouts.
 
     ``labels`` hold the target token ids at the target positions and ``IGNORE_INDEX`` elsewhere
-    (target-only labels). ``pixel_values`` holds each distinct image of the batch once;
-    ``image_rows`` lists the rows that have an image and ``image_index`` which entry of
-    ``pixel_values`` each of them shows (a record's edit and rephrase prompts share one picture).
+    (target-only labels). ``pixel_values`` holds each distinct image of the batch once, and
+    ``image_index`` says, for each row with an image in row order, which entry it shows (a
+    record's edit and rephrase prompts share one picture).
     Text-only rows have no image tokens. ``image_token_mask`` marks image-token positions.
     """
 
@@ -34,7 +34,6 @@ class ModelBatch:
     labels: torch.Tensor
     image_token_mask: torch.Tensor
     pixel_values: torch.Tensor | None
-    image_rows: torch.Tensor
     image_index: torch.Tensor
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelBatch:
@@ -70,7 +69,6 @@ class EncodedPrompt:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     image: LazyImage | None
-    image_token_count: int
 
 
 @dataclass

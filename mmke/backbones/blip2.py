@@ -17,7 +17,7 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 from mmke.backbones.base import (Backbone, EditableModules, EncodedPrompt, ForwardOutput,
                                  ModelBatch)
 from mmke.backbones.encoding import collate_left, distinct_images, encode_pair
-from mmke.backbones.pixels import PixelCache, TokenCache
+from mmke.backbones.caches import PixelCache, TokenCache
 from mmke.backbones.weights import check_weights_path
 from mmke.data.record import LazyImage, Prompt
 from mmke.devices import resolve_device, resolve_dtype

@@ -22,7 +22,7 @@ def encode_pair(prefix_ids: list[int], target_ids: list[int], image: LazyImage |
         raise ValueError(f"{where}: {count} image tokens in the prompt, expected {wanted}; "
                          "the prompt text must not contain the image placeholder itself")
     labels = [IGNORE_INDEX] * len(prefix_ids) + list(target_ids)
-    return EncodedPrompt(tuple(ids), tuple(labels), image, count)
+    return EncodedPrompt(tuple(ids), tuple(labels), image)
 
 
 def distinct_images(encoded: list[EncodedPrompt]) -> tuple[list[LazyImage], list[int]]:
@@ -45,9 +45,7 @@ def collate_left(encoded: list[EncodedPrompt], pad_id: int, image_token_id: int,
         input_ids[row, start:] = torch.tensor(e.input_ids)
         labels[row, start:] = torch.tensor(e.labels)
         attention[row, start:] = 1
-    image_rows = torch.tensor([i for i, e in enumerate(encoded) if e.image is not None],
-                              dtype=torch.long)
     return ModelBatch(input_ids=input_ids, attention_mask=attention, labels=labels,
                       image_token_mask=(input_ids == image_token_id) & attention.bool(),
-                      pixel_values=pixel_values, image_rows=image_rows,
+                      pixel_values=pixel_values,
                       image_index=torch.tensor(image_index, dtype=torch.long))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from mmke.data.mmedit import TASKS, load_mmedit
-from mmke.data.prompts import PromptTemplates
+from mmke.data.prompts import VQA_TEMPLATE, PromptTemplates
 from mmke.data.record import EditRecord
 from mmke.errors import ConfigError
 
@@ -36,7 +36,7 @@ class MMEditSource:
 
     def __init__(self, task: str, annotation_dir: str, image_root: str, train_file: str,
                  eval_file: str, edit_template: str,
-                 m_loc_template: str = "Question: {} Short answer:", t_loc_template: str = "{}",
+                 m_loc_template: str = VQA_TEMPLATE, t_loc_template: str = "{}",
                  name: str = "") -> None:
         if task not in TASKS:
             raise ConfigError(f"data.task must be one of {', '.join(TASKS)}; got {task!r}")

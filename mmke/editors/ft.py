@@ -33,7 +33,7 @@ class FineTune(Editor):
         self.layers, self.roles = list(layers), list(roles)
         self.lr, self.steps, self.weight_decay = lr, steps, weight_decay
         self.early_stop_loss = early_stop_loss
-        self._snapshot = WeightSnapshot()
+        self.snapshot = WeightSnapshot()  # what restore() copies back: only the edited tensors
 
     def _edited_parameters(self) -> dict[str, torch.nn.Parameter]:
         assert self.backbone is not None
@@ -45,7 +45,7 @@ class FineTune(Editor):
         backbone = self.backbone
         assert backbone is not None
         params = self._edited_parameters()
-        self._snapshot.save(params)
+        self.snapshot.save(params)
         before = {n: p.detach().clone() for n, p in params.items()}  # to undo a failed edit only
         batch = backbone.prepare([edit_prompts(r, self.templates)[0] for r in records])
         optimizer = torch.optim.Adam(params.values(), lr=self.lr, weight_decay=self.weight_decay)
@@ -74,7 +74,7 @@ class FineTune(Editor):
         return outcome
 
     def restore(self) -> None:
-        self._snapshot.restore()
+        self.snapshot.restore()
 
 
 @torch.no_grad()

@@ -41,9 +41,9 @@ def test_restore_is_bit_identical_after_50_single_edits(ft, pretrained, vqa_sour
 
 def test_restore_copies_only_the_edited_tensors(ft, vqa_source):
     ft.edit(vqa_source.records("eval", limit=1))
-    assert len(ft._snapshot) == 3 * 2 * 2  # three layers x (ffn_in, ffn_out) x (weight, bias)
+    assert len(ft.snapshot) == 3 * 2 * 2  # three layers x (ffn_in, ffn_out) x (weight, bias)
     ft.restore()
-    assert len(ft._snapshot) == 0
+    assert len(ft.snapshot) == 0
 
 
 def test_sequential_edits_restore_to_the_original(ft, pretrained, vqa_source):

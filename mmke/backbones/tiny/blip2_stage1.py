@@ -80,23 +80,22 @@ def representation_stage(backbone: Blip2Backbone, world: Path, spec: Stage1Spec)
     generator = torch.Generator().manual_seed(spec.seed)
     model.train()
 
-    def loss_and_hits(px: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def column_logits(px: torch.Tensor) -> list[torch.Tensor]:
+        """Per attribute, [n, n_columns, classes] logits read off the first query tokens."""
         states = query_states(backbone, px)[:, :len(COLUMNS)]
-        logits = [head(states) for head in heads]
-        loss = sum(nn.functional.cross_entropy(lg.flatten(0, 1), y[..., a].flatten())
-                   for a, lg in enumerate(logits))
-        hits = torch.stack([lg.argmax(-1) == y[..., a] for a, lg in enumerate(logits)], -1)
-        return loss, hits
+        return [head(states) for head in heads]
 
     loss = torch.zeros(())
     for _ in range(spec.steps):
         idx = torch.randint(0, len(pixels), (spec.batch_size,), generator=generator)
-        loss, _ = loss_and_hits(pixels[idx], labels[idx])
+        loss = sum(nn.functional.cross_entropy(lg.flatten(0, 1), labels[idx][..., a].flatten())
+                   for a, lg in enumerate(column_logits(pixels[idx])))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     model.eval()
     with torch.no_grad():
         eval_pixels, eval_labels = data("eval")
-        _, hits = loss_and_hits(eval_pixels, eval_labels)
+        hits = torch.stack([lg.argmax(-1) == eval_labels[..., a]
+                            for a, lg in enumerate(column_logits(eval_pixels))], -1)
     return {"stage1_loss": loss.item(), "stage1_eval_column_accuracy": hits.float().mean().item()}
