@@ -35,6 +35,8 @@ class ModelBatch:
     image_token_mask: torch.Tensor
     pixel_values: torch.Tensor | None
     image_index: torch.Tensor
+    #: Qwen2-VL only: the (temporal, height, width) patch grid of each distinct image, [n, 3]
+    image_grid_thw: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelBatch:
         moved = {}
@@ -98,6 +100,10 @@ class EditableModules(ABC):
     @abstractmethod
     def attention(self, i: int) -> nn.Module: ...
 
+    def ffn_gate(self, i: int) -> nn.Linear | None:
+        """The gate matrix of a gated FFN (SwiGLU); None where the FFN has no gate."""
+        return None
+
     @abstractmethod
     def projector(self) -> nn.Module: ...
 
@@ -114,12 +120,15 @@ class EditableModules(ABC):
     def by_role(self, role: str, layer: int | None = None) -> nn.Module:
         """Resolve a role name from config (``ffn_in``, ``ffn_out``, ``attention``, ``layer``,
         ``projector``, ``vision_tower``) to a module. The role names are the config vocabulary."""
-        per_layer = {"ffn_in": self.ffn_in, "ffn_out": self.ffn_out,
+        per_layer = {"ffn_in": self.ffn_in, "ffn_out": self.ffn_out, "ffn_gate": self.ffn_gate,
                      "attention": self.attention, "layer": self.language_layer}
         if role in per_layer:
             if layer is None:
                 raise ValueError(f"role '{role}' needs a layer index")
-            return per_layer[role](self.resolve_layer(layer))
+            module = per_layer[role](self.resolve_layer(layer))
+            if module is None:
+                raise ValueError(f"this model's FFN has no '{role}' matrix")
+            return module
         whole = {"projector": self.projector, "vision_tower": self.vision_tower}
         if role in whole:
             return whole[role]()
@@ -169,6 +178,27 @@ class Backbone(ABC):
     @abstractmethod
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 16) -> list[str]:
         """Greedy answers to the prompts (targets are ignored)."""
+
+    def ffn_keys(self, batch: ModelBatch, layers: Sequence[int], *,
+                 inputs_embeds: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """The FFN keys of ``layers``: the input of each layer's FFN output matrix (``ffn_out``),
+        [batch, seq, ffn_dim], from one forward. Locate-then-edit methods (AlphaEdit, M-ORE,
+        T-Patcher) solve for updates of ``ffn_out`` in terms of these keys."""
+        keys: dict[int, torch.Tensor] = {}
+        handles = []
+        for i in layers:
+            index = self.modules.resolve_layer(i)
+
+            def capture(_module: nn.Module, args: tuple, index: int = index) -> None:
+                keys[index] = args[0]
+
+            handles.append(self.modules.ffn_out(index).register_forward_pre_hook(capture))
+        try:
+            self.forward(batch, inputs_embeds=inputs_embeds)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return keys
 
     def prepare(self, prompts: Sequence[Prompt]) -> ModelBatch:
         """``build_batch`` moved to the model's device (floating tensors in the model's dtype)."""

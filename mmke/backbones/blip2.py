@@ -18,39 +18,10 @@ from mmke.backbones.base import (Backbone, EditableModules, EncodedPrompt, Forwa
                                  ModelBatch)
 from mmke.backbones.encoding import collate_left, distinct_images, encode_pair
 from mmke.backbones.caches import PixelCache, TokenCache
+from mmke.backbones.roles import LayerRoles
 from mmke.backbones.weights import check_weights_path
 from mmke.data.record import LazyImage, Prompt
 from mmke.devices import resolve_device, resolve_dtype
-
-
-class OPTModules(EditableModules):
-    """Roles of BLIP-2's parts; the only place their attribute paths are spelled."""
-
-    def __init__(self, model: Blip2ForConditionalGeneration) -> None:
-        self._model = model
-        self._layers = model.language_model.model.decoder.layers
-
-    @property
-    def num_language_layers(self) -> int:
-        return len(self._layers)
-
-    def language_layer(self, i: int) -> nn.Module:
-        return self._layers[i]
-
-    def ffn_in(self, i: int) -> nn.Linear:
-        return self._layers[i].fc1
-
-    def ffn_out(self, i: int) -> nn.Linear:
-        return self._layers[i].fc2
-
-    def attention(self, i: int) -> nn.Module:
-        return self._layers[i].self_attn
-
-    def projector(self) -> nn.Module:
-        return self._model.language_projection
-
-    def vision_tower(self) -> nn.Module:
-        return self._model.vision_model
 
 
 class Blip2Backbone(Backbone):
@@ -80,7 +51,10 @@ class Blip2Backbone(Backbone):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
-        self._modules = OPTModules(model)
+        self._modules = LayerRoles(model.language_model.model.decoder.layers, ffn_in="fc1",
+                                   ffn_out="fc2", attention="self_attn",
+                                   projector=model.language_projection,
+                                   vision_tower=model.vision_model)
         self._pixels = PixelCache(self._process_images, pixel_cache_size)
         self._token_ids = TokenCache(tokenizer)
 

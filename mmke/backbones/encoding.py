@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mmke.backbones.base import IGNORE_INDEX, EncodedPrompt, ModelBatch
@@ -32,8 +34,34 @@ def distinct_images(encoded: list[EncodedPrompt]) -> tuple[list[LazyImage], list
     return list(order), index
 
 
+def expand_placeholder(ids: list[int], placeholder_id: int, count: int) -> list[int]:
+    """Replace the single image placeholder of a tokenized prompt by ``count`` copies, as the HF
+    processors of LLaVA and Qwen2-VL do before tokenization (one placeholder per image)."""
+    out: list[int] = []
+    for t in ids:
+        out.extend([placeholder_id] * count if t == placeholder_id else [t])
+    return out
+
+
+def split_target(tokenize: Callable[[str], list[int]], prompt_text: str,
+                 target: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt_text`` and of its target, tokenized together as the model reads them.
+
+    SentencePiece tokenizers (Llama, Vicuna) merge a leading space differently when a piece is
+    tokenized alone, so the target is the tail of ``prompt + " " + target`` beyond the prompt's own
+    ids. Where the prompt's ids are not a prefix of the joint ids (a merge across the seam), the
+    target is tokenized alone.
+    """
+    prompt_ids = tokenize(prompt_text)
+    joint = tokenize(f"{prompt_text} {target}")
+    if joint[:len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+        return prompt_ids, joint[len(prompt_ids):]
+    return prompt_ids, tokenize(" " + target)
+
+
 def collate_left(encoded: list[EncodedPrompt], pad_id: int, image_token_id: int,
-                 pixel_values: torch.Tensor | None, image_index: list[int]) -> ModelBatch:
+                 pixel_values: torch.Tensor | None, image_index: list[int],
+                 image_grid_thw: torch.Tensor | None = None) -> ModelBatch:
     """Pad on the left (decoder-only generation and scoring share one layout)."""
     length = max(len(e.input_ids) for e in encoded)
     n = len(encoded)
@@ -48,4 +76,5 @@ def collate_left(encoded: list[EncodedPrompt], pad_id: int, image_token_id: int,
     return ModelBatch(input_ids=input_ids, attention_mask=attention, labels=labels,
                       image_token_mask=(input_ids == image_token_id) & attention.bool(),
                       pixel_values=pixel_values,
-                      image_index=torch.tensor(image_index, dtype=torch.long))
+                      image_index=torch.tensor(image_index, dtype=torch.long),
+                      image_grid_thw=image_grid_thw)

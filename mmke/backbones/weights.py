@@ -7,12 +7,13 @@ from pathlib import Path
 from mmke.errors import WeightsNotFoundError
 
 
-def check_weights_path(path: str | None, family: str, local_files_only: bool) -> str:
+def check_weights_path(path: str | None, family: str, local_files_only: bool,
+                       setting: str = "backbone.path") -> str:
     """Return a loadable source or raise ``WeightsNotFoundError`` saying which setting to fix."""
-    how = (f"set backbone.path to a local folder holding {family} in Hugging Face layout "
+    how = (f"set {setting} to a local folder holding {family} in Hugging Face layout "
            "(config.json, *.safetensors, tokenizer files, preprocessor_config.json)")
     if not path:
-        raise WeightsNotFoundError(f"backbone.path is not set; {how}")
+        raise WeightsNotFoundError(f"{setting} is not set; {how}")
     folder = Path(path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
@@ -20,6 +21,6 @@ def check_weights_path(path: str | None, family: str, local_files_only: bool) ->
         return str(folder)
     if local_files_only or path.startswith((".", "/", "~")):
         raise WeightsNotFoundError(
-            f"no weights at backbone.path={path}; {how}, or pass a hub id with "
+            f"no weights at {setting}={path}; {how}, or pass a hub id with "
             "backbone.local_files_only=false on a machine that can reach the hub")
     return path

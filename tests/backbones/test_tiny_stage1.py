@@ -1,10 +1,10 @@
-"""Stage 1 of the tiny BLIP-2 recipe: labels from scene annotations, and it really learns."""
+"""Stage 1 of the tiny recipes: labels from scene annotations, and it really learns."""
 
 import torch
 
-from mmke.backbones.tiny.blip2_stage1 import ATTRIBUTES, Stage1Spec, column_labels, representation_stage
+from mmke.backbones.tiny.stage1 import ATTRIBUTES, Stage1Spec, column_labels, columns_of_grid
 from mmke.backbones.blip2 import Blip2Backbone
-from mmke.backbones.tiny.blip2 import TinyBlip2Spec, tiny_blip2_model
+from mmke.backbones.tiny.blip2 import TinyBlip2Spec, blip2_stage1, tiny_blip2_model
 from mmke.data.miniworld.generate import MiniWorldSpec, ensure_miniworld
 
 
@@ -32,6 +32,11 @@ def test_stage1_learns_column_attributes(random_tiny, tmp_path):
     model = tiny_blip2_model(TinyBlip2Spec(vocab_size=300, text_layers=1), 48,
                              random_tiny.image_token_id, 0, 1, 2)
     backbone = Blip2Backbone(model, random_tiny.tokenizer, random_tiny.image_processor)
-    untrained = representation_stage(backbone, world, Stage1Spec(steps=0))
-    trained = representation_stage(backbone, world, Stage1Spec(steps=150, batch_size=32))
+    untrained = blip2_stage1(backbone, world, Stage1Spec(steps=0))
+    trained = blip2_stage1(backbone, world, Stage1Spec(steps=150, batch_size=32))
     assert trained["stage1_eval_column_accuracy"] > untrained["stage1_eval_column_accuracy"] + 0.2
+
+
+def test_columns_of_grid_averages_each_column_of_patches():
+    tokens = torch.arange(9.0).reshape(1, 9, 1)  # row-major 3x3 grid
+    assert columns_of_grid(tokens, rows=3).flatten().tolist() == [3.0, 4.0, 5.0]

@@ -10,21 +10,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig,
                           Blip2VisionConfig, OPTConfig)
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from mmke.backbones.blip2 import Blip2Backbone, load_blip2, save_blip2
-from mmke.backbones.tiny.blip2_stage1 import Stage1Spec, representation_stage
 from mmke.backbones.tiny.builder import cache_key, cached_build
-from mmke.backbones.tiny.corpus import pretraining_prompts, tokenizer_corpus
-from mmke.backbones.tiny.pretrain import PretrainSpec, pretrain
+from mmke.backbones.tiny.corpus import tokenizer_corpus
+from mmke.backbones.tiny.pretrain import PretrainSpec
+from mmke.backbones.tiny.recipe import fan_in_init, two_stage_training
+from mmke.backbones.tiny.stage1 import Stage1Spec, representation_stage
 from mmke.backbones.tiny.tokenizer import IMAGE, train_tokenizer
-from mmke.data.miniworld.generate import ANNOTATION_FILES, MiniWorldSpec, ensure_miniworld
-from mmke.data.mmedit import load_mmedit
-from mmke.data.prompts import CAPTION_TEMPLATE, VQA_TEMPLATE, PromptTemplates
-from mmke.evaluation.knowledge import knowledge_report
+from mmke.data.miniworld.generate import MiniWorldSpec, ensure_miniworld
+from mmke.data.miniworld.vocab import COLUMNS
 
 # Bump when the build recipe changes for the same settings, so caches are rebuilt.
 RECIPE_VERSION = 4
@@ -73,18 +71,32 @@ def tiny_blip2_model(spec: TinyBlip2Spec, image_size: int, image_token_id: int,
     model = Blip2ForConditionalGeneration(config)
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.02)  # zeros in transformers; BLIP-2's recipe draws them
-        # BERT-style std 0.02 in 64 dimensions shrinks the image signal through the Q-Former's
-        # value and output projections ~500x, and training never finds the image; fan-in scaled
-        # weights keep it at the size of the query states. The projector is scaled down so image
-        # embeddings start near the size of text embeddings (measured: far faster grounding).
+        # BERT-style init hides the image behind the Q-Former (see fan_in_init)
         for part, gain in ((model.vision_model, 1.0), (model.qformer, 1.0),
                            (model.language_projection, 0.1)):
-            for module in part.modules():
-                if isinstance(module, nn.Linear):
-                    module.weight.normal_(0.0, gain * module.in_features ** -0.5)
-                    if module.bias is not None:
-                        module.bias.zero_()
+            fan_in_init(part, gain)
     return model
+
+
+def query_states(model: Blip2ForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Q-Former outputs before the language projection, [n, num_query_tokens, hidden]."""
+    image_embeds = model.vision_model(pixel_values).last_hidden_state
+    queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+    return model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
+                         encoder_attention_mask=mask).last_hidden_state
+
+
+def blip2_stage1(backbone: Blip2Backbone, world: Path, spec: Stage1Spec) -> dict[str, float]:
+    """BLIP-2's stage 1: vision tower, Q-Former and query tokens; query token c describes column c."""
+    model = backbone.model
+    if model.config.num_query_tokens < len(COLUMNS):
+        raise ValueError(f"stage 1 needs at least {len(COLUMNS)} query tokens, "
+                         f"got {model.config.num_query_tokens}")
+    params = [*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens]
+    return representation_stage(lambda px: query_states(model, px)[:, :len(COLUMNS)], params,
+                                model.config.qformer_config.hidden_size, model, backbone.pixels,
+                                world, spec)
 
 
 def build_tiny_blip2(out: Path, world: Path, world_spec: MiniWorldSpec, spec: TinyBlip2Spec,
@@ -101,30 +113,19 @@ def build_tiny_blip2(out: Path, world: Path, world_spec: MiniWorldSpec, spec: Ti
     size = {"height": world_spec.image_size, "width": world_spec.image_size}
     backbone = Blip2Backbone(model, tokenizer, BlipImageProcessorPil(size=size), name="tiny_blip2",
                              pixel_cache_size=100_000)
-    report: dict = {"parameters": sum(p.numel() for p in model.parameters())}
-    if stage1.steps:
-        report.update(representation_stage(backbone, world, stage1))
-    # After stage 1 the vision side is frozen (BLIP-2 keeps its image encoder frozen too); without
-    # stage 1 everything trains end to end.
-    frozen = [*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens]
-    for p in frozen:
-        p.requires_grad_(not stage1.steps)
-    report.update(pretrain(backbone, pretraining_prompts(world), train, progress=progress))
-    for p in frozen:
-        p.requires_grad_(True)
-    for task, template in (("vqa", VQA_TEMPLATE), ("caption", CAPTION_TEMPLATE)):
-        records = load_mmedit(world / ANNOTATION_FILES[(task, "eval")], world, task)
-        known = knowledge_report(backbone, records, PromptTemplates(edit=template))
-        report.update({f"{task}_{k}": v for k, v in known.items()})
+    vision_side = [*model.vision_model.parameters(), *model.qformer.parameters(),
+                   model.query_tokens]
+    first = (lambda: blip2_stage1(backbone, world, stage1)) if stage1.steps else None
+    report = two_stage_training(backbone, world, train, first, vision_side, progress)
     save_blip2(backbone, out)
     return report
 
 
-def tiny_blip2(cache_dir: str, world: dict | None = None, model: dict | None = None,
-               pretraining: dict | None = None, stage1: dict | None = None,
-               dtype: str = "float32", device: str = "auto",
-               name: str = "tiny_blip2", progress: bool = True) -> Blip2Backbone:
-    """The cached tiny BLIP-2 for these settings, built (about 7 minutes on 2 cores) if missing."""
+def tiny_blip2_folder(cache_dir: str, world: dict | None = None, model: dict | None = None,
+                      pretraining: dict | None = None, stage1: dict | None = None,
+                      progress: bool = True) -> Path:
+    """The folder of the cached tiny BLIP-2 for these settings (HF layout), built if missing
+    (about 7 minutes on 2 cores). Tiny MiniGPT-4 takes its vision tower and Q-Former from here."""
     world_spec = MiniWorldSpec(**(world or {}))
     spec = TinyBlip2Spec(**(model or {}))
     train = PretrainSpec(**(pretraining or {}))
@@ -132,6 +133,14 @@ def tiny_blip2(cache_dir: str, world: dict | None = None, model: dict | None = N
     world_dir = ensure_miniworld(cache_dir, world_spec)
     key = cache_key(RECIPE_VERSION, world_spec.key(), asdict(spec), asdict(train), asdict(first))
     folder = Path(cache_dir) / "backbones" / "tiny_blip2" / key
-    cached_build(folder, lambda out: build_tiny_blip2(out, world_dir, world_spec, spec, train, first,
-                                                      progress))
+    return cached_build(folder, lambda out: build_tiny_blip2(out, world_dir, world_spec, spec, train,
+                                                             first, progress))
+
+
+def tiny_blip2(cache_dir: str, world: dict | None = None, model: dict | None = None,
+               pretraining: dict | None = None, stage1: dict | None = None,
+               dtype: str = "float32", device: str = "auto",
+               name: str = "tiny_blip2", progress: bool = True) -> Blip2Backbone:
+    """The cached tiny BLIP-2 for these settings, built if missing."""
+    folder = tiny_blip2_folder(cache_dir, world, model, pretraining, stage1, progress)
     return load_blip2(str(folder), dtype=dtype, device=device, name=name)
