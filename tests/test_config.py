@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 
 from mmke.backbones.base import Backbone
 from mmke.config import build as instantiate
-from mmke.errors import DataError, WeightsNotFoundError
+from mmke.errors import DataError, MMKEError, WeightsNotFoundError
 from tests.conftest import CONF, compose_config
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -33,6 +33,11 @@ def test_every_option_composes(group, option):
 def test_every_light_option_instantiates(group):
     for option in options(group):
         cfg = compose_config([f"{group}={option}"])
+        if "mmke.planned.planned" in (CONF / group / f"{option}.yaml").read_text():
+            # a method the papers need but mmke has not built yet: it must say so, by name
+            with pytest.raises(MMKEError, match=f"{group}={option}"):
+                instantiate(cfg[group])
+            continue
         obj = instantiate(cfg[group])
         assert obj is not None
         if group in ("editor", "reg", "protocol"):
@@ -60,9 +65,20 @@ def test_tiny_backbone_instantiates(pretrained):
     assert isinstance(pretrained, Backbone)
 
 
-def test_real_blip2_without_weights_names_the_setting():
-    with pytest.raises(WeightsNotFoundError, match="backbone.path"):
-        instantiate(compose_config(["backbone=blip2"]).backbone)
+@pytest.mark.parametrize("family, setting", [("blip2", "backbone.path"), ("llava", "backbone.path"),
+                                             ("qwen2vl", "backbone.path"),
+                                             ("minigpt4", "backbone.projection_path")])
+def test_real_backbone_without_weights_names_the_setting(family, setting):
+    with pytest.raises(WeightsNotFoundError, match=setting):
+        instantiate(compose_config([f"backbone={family}"]).backbone)
+
+
+def test_minigpt4_names_each_missing_source(tmp_path):
+    ckpt = tmp_path / "minigpt4.pth"
+    ckpt.write_bytes(b"")
+    cfg = compose_config(["backbone=minigpt4", f"backbone.projection_path={ckpt}"])
+    with pytest.raises(WeightsNotFoundError, match="backbone.blip2_path"):
+        instantiate(cfg.backbone)
 
 
 def test_unknown_option_is_a_composition_error():

@@ -159,6 +159,11 @@ class Backbone(ABC):
         """Token ids of one prompt (family template, image tokens) and its target-only labels."""
 
     @abstractmethod
+    def image_token_count(self, image: LazyImage) -> int:
+        """How many image tokens this picture takes in a prompt (fixed per family, except for
+        Qwen2-VL, whose dynamic resolution depends on the picture's size)."""
+
+    @abstractmethod
     def collate(self, encoded: list[EncodedPrompt]) -> ModelBatch:
         """Pad encoded prompts (left) and attach their processed images."""
 
@@ -190,7 +195,8 @@ class Backbone(ABC):
             index = self.modules.resolve_layer(i)
 
             def capture(_module: nn.Module, args: tuple, index: int = index) -> None:
-                keys[index] = args[0]
+                # OPT flattens [batch, seq] before its FFN; give every family the same layout
+                keys[index] = args[0].reshape(*batch.input_ids.shape, args[0].shape[-1])
 
             handles.append(self.modules.ffn_out(index).register_forward_pre_hook(capture))
         try:

@@ -86,6 +86,9 @@ class Blip2Backbone(Backbone):
         return encode_pair(prefix, target, prompt.image, self.image_token_id,
                            self.num_query_tokens, where=f"{prompt.kind} prompt {text!r}")
 
+    def image_token_count(self, image: LazyImage) -> int:
+        return self.num_query_tokens
+
     def collate(self, encoded: list[EncodedPrompt]) -> ModelBatch:
         images, index = distinct_images(encoded)
         pixels = self.pixels(images) if images else None

@@ -99,6 +99,9 @@ class LlavaBackbone(Backbone):
         return encode_pair(prefix, target, prompt.image, self.image_token_id,
                            self.num_image_tokens, where=f"{prompt.kind} prompt {text!r}")
 
+    def image_token_count(self, image: LazyImage) -> int:
+        return self.num_image_tokens
+
     def collate(self, encoded: list[EncodedPrompt]) -> ModelBatch:
         images, index = distinct_images(encoded)
         pixels = self.pixels(images) if images else None

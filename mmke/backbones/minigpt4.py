@@ -54,6 +54,9 @@ class MiniGPT4(nn.Module):
         self.llama_proj = llama_proj
         self.language_model = language_model
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
     @property
     def num_query_tokens(self) -> int:
         return self.query_tokens.shape[1]
@@ -130,6 +133,9 @@ class MiniGPT4Backbone(Backbone):
         return encode_pair(prefix + after_ids, target, prompt.image, IMAGE_PLACEHOLDER_ID,
                            self.num_image_tokens, where=f"{prompt.kind} prompt {text!r}")
 
+    def image_token_count(self, image: LazyImage) -> int:
+        return self.num_image_tokens
+
     def collate(self, encoded: list[EncodedPrompt]) -> ModelBatch:
         images, index = distinct_images(encoded)
         pixels = self.pixels(images) if images else None
@@ -137,7 +143,7 @@ class MiniGPT4Backbone(Backbone):
 
     def embed(self, batch: ModelBatch) -> torch.Tensor:
         ids = batch.input_ids.masked_fill(batch.image_token_mask, self.pad_id)
-        embeds = self.model.language_model.get_input_embeddings()(ids)
+        embeds = self.model.get_input_embeddings()(ids)
         if batch.pixel_values is None:
             return embeds
         features = self.model.image_features(batch.pixel_values)[batch.image_index]
