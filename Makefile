@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel of torch; GPU users install their own torch first (pyproject takes a range).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-scale bench-families clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ test-fast: install
 ## Print the speed and memory figures the issues set as targets.
 bench: install
 	$(PY) benchmarks/spine.py
+
+## Parameters and forward/backward time of each tiny backbone family.
+bench-families: install
+	$(PY) benchmarks/families.py
+
+## Parallel sweeps (joblib vs basic launcher) and one run over 2 CPU processes (accelerate).
+bench-scale: install
+	$(PY) benchmarks/scale.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -74,3 +74,18 @@ def test_unknown_config_option_fails(tmp_path):
     proc = run_cli("editor=no_such_editor", tmp_path=tmp_path)
     assert proc.returncode != 0
     assert "no_such_editor" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["tiny_llava", "tiny_minigpt4", "tiny_qwen2vl"])
+def test_every_tiny_family_runs_end_to_end(tmp_path, backbone):
+    """`python run.py backbone=tiny_<family>` edits with FT (its per-family settings) and writes
+    a complete run folder; the edits take."""
+    proc = run_cli(f"backbone={backbone}", "n_edits=3", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["n_edits"] == 3 and summary["n_failed"] == 0
+    assert summary["rel"] >= 90.0, summary
+    config = (run / "config.yaml").read_text()
+    assert "ffn_gate" in config  # conf/editor_backbone/ft_<family>.yaml arrived

@@ -24,6 +24,15 @@ def test_groups_are_the_documented_ones():
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(group, option):
+    if group == "editor_backbone":  # chosen by the editor and backbone, not on its own
+        pairs = [(e, b) for e in options("editor") for b in options("backbone")
+                 if f"{e}_{b}" == option]
+        assert pairs, f"editor_backbone/{option}.yaml matches no editor_backbone pair"
+        editor, backbone = pairs[0]
+        cfg = compose_config([f"editor={editor}", f"backbone={backbone}"])
+        alone = compose_config([f"editor={editor}"])
+        assert cfg.editor != alone.editor  # the pair's settings arrived
+        return
     cfg = compose_config([f"{group}={option}"])
     if group != "debug":  # debug presets are global overrides, not a node of their own
         assert cfg[group] is not None
