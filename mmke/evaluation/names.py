@@ -1,6 +1,24 @@
-"""Metric keys and their display names: the one place the papers' column labels live."""
+"""Metric keys and their display names: the one place the papers' column labels live.
+
+Besides the five stored metrics this module defines the papers' table columns that are not
+stored as such:
+
+- ``gen`` ("Gen." in ODEdit and ASAM) is the text-rephrase generality, our ``t_gen``;
+- ``avg`` ("Avg." in M-ORE) is the plain mean of Rel., T-Gen., M-Gen., T-Loc. and M-Loc.
+  (M-ORE Table 4, BLIP2-OPT FT-L_1 on E-VQA: (100 + 100 + 60 + 94.74 + 100) / 5 = 90.95);
+- ``avg_delta`` ("Δ" in M-ORE Table 3) is a row's ``avg`` minus the ``avg`` of the full method
+  at the same horizon, so it is defined between rows of a table, not for one run;
+- cost columns (``time_s``, ``memory_gb``, ...) read from a run summary's ``cost`` mapping.
+
+``PAPER_COLUMNS`` gives each paper's metric columns in its printed order.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 METRIC_LABELS: dict[str, str] = {
     "rel": "Rel.",
@@ -9,3 +27,118 @@ METRIC_LABELS: dict[str, str] = {
     "t_loc": "T-Loc.",
     "m_loc": "M-Loc.",
 }
+
+#: The metrics every run stores (percent), in the papers' order.
+METRIC_KEYS: tuple[str, ...] = tuple(METRIC_LABELS)
+
+
+@dataclass(frozen=True)
+class DerivedMetric:
+    """A table column computed from stored metrics of one run: the mean of ``inputs``."""
+
+    label: str
+    inputs: tuple[str, ...]
+    description: str
+
+    def value(self, metrics: Mapping[str, Any]) -> float:
+        """The column's value for one run; NaN when any input is missing or not finite."""
+        values = []
+        for key in self.inputs:
+            v = metrics.get(key)
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                return math.nan
+            if not math.isfinite(v):
+                return math.nan
+            values.append(v)
+        return sum(values) / len(values) if values else math.nan
+
+
+DERIVED_METRICS: dict[str, DerivedMetric] = {
+    "gen": DerivedMetric("Gen.", ("t_gen",),
+                         "ODEdit/ASAM 'Gen.': generality on the text rephrase (our T-Gen.)"),
+    "avg": DerivedMetric("Avg.", METRIC_KEYS,
+                         "M-ORE 'Avg.': mean of Rel., T-Gen., M-Gen., T-Loc., M-Loc."),
+}
+
+
+@dataclass(frozen=True)
+class RelativeMetric:
+    """A column defined between two rows of one table: ``of`` minus ``of`` of a reference row
+    (the row with the same keys and no ``setting``)."""
+
+    label: str
+    of: str
+    description: str
+
+
+RELATIVE_METRICS: dict[str, RelativeMetric] = {
+    "avg_delta": RelativeMetric("Δ", "avg", "M-ORE Table 3: a variant's Avg. minus the full "
+                                "M-ORE's Avg. at the same number of edits"),
+}
+
+
+@dataclass(frozen=True)
+class CostMetric:
+    """A cost column read from a run summary: a column named ``cost.<key>`` if the run has
+    one, else the first of ``sources`` (flattened summary columns, e.g. ``cost.wall_s``) that
+    it has, times ``scale``, divided by column ``per`` when given."""
+
+    label: str
+    sources: tuple[str, ...]
+    scale: float = 1.0
+    per: str | None = None
+
+
+#: Peak memory, best source first: accelerator memory (what the papers report), then host RSS.
+_PEAK_MB = ("cost.peak_mem_mb", "cost.peak_gpu_mb", "cost.gpu_peak_mb", "cost.peak_rss_mb")
+
+COST_METRICS: dict[str, CostMetric] = {
+    "time_s": CostMetric("Time (s)", ("cost.wall_s",)),
+    "runtime_s": CostMetric("Runtime (s)", ("cost.wall_s",)),
+    "edit_s": CostMetric("Edit-T (s)", ("cost.edit_s",)),
+    "eval_s": CostMetric("Eval-T (s)", ("cost.eval_s",)),
+    "steps": CostMetric("Steps", ("cost.steps",)),
+    "memory_gb": CostMetric("Memory (GB)", _PEAK_MB, 1 / 1024),
+    "memory_mb": CostMetric("Memory (MB)", _PEAK_MB),
+    # ODEdit Table 6: time per optimisation step of the edit (mean edit time / mean steps);
+    # training and total time per step only where a run records them under these names.
+    "edit_time_per_step_s": CostMetric("Edit-T/sp (s)", ("cost.edit_s",), per="cost.steps"),
+    "train_time_per_step_s": CostMetric("Train-T/sp (s)", ()),
+    "time_per_step_s": CostMetric("All-T/sp (s)", ()),
+}
+
+#: Each paper's metric columns in its printed order (ASAM's "Acc"/"I-Loc" are Rel./M-Loc.).
+PAPER_COLUMNS: dict[str, tuple[str, ...]] = {
+    "odedit": ("rel", "gen", "t_loc", "m_loc"),
+    "asam": ("rel", "gen", "t_loc", "m_loc"),
+    "more": ("rel", "t_gen", "m_gen", "t_loc", "m_loc", "avg"),
+}
+
+#: Display names of tasks and backbone families, as the papers print them.
+TASK_LABELS: dict[str, str] = {"vqa": "E-VQA", "caption": "E-IC"}
+BACKBONE_LABELS: dict[str, str] = {"blip2": "BLIP2-OPT", "minigpt4": "MiniGPT-4",
+                                   "llava": "LLaVA-v1.5", "qwen2vl": "Qwen2-VL"}
+
+#: The order columns appear in when a table mixes them.
+COLUMN_ORDER: tuple[str, ...] = ("rel", "gen", "t_gen", "m_gen", "t_loc", "m_loc", "avg",
+                                 "avg_delta", *COST_METRICS)
+
+
+def column_label(key: str) -> str:
+    """The printed label of a metric or column key (the key itself when unknown)."""
+    if key in METRIC_LABELS:
+        return METRIC_LABELS[key]
+    for table in (DERIVED_METRICS, RELATIVE_METRICS, COST_METRICS):
+        if key in table:
+            return table[key].label
+    return key
+
+
+def order_columns(keys: list[str] | tuple[str, ...]) -> list[str]:
+    """``keys`` without duplicates, known columns in ``COLUMN_ORDER``, unknown ones after them
+    in their given order."""
+    unique = list(dict.fromkeys(keys))
+    rank = {k: i for i, k in enumerate(COLUMN_ORDER)}
+    return sorted(unique, key=lambda k: (rank.get(k, len(rank)), unique.index(k)))
