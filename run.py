@@ -6,19 +6,25 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from mmke.distributed import launched_rank, launched_world_size
 from mmke.errors import MMKEError
+from mmke.launch import check_launch, rank_overrides
 from mmke.runner import run
+from mmke.sweep import JobContext, objective_value
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float:
     try:
-        summary = run(cfg, HydraConfig.get().runtime.output_dir)
+        check_launch(HydraConfig.get(), launched_world_size())
+        summary = run(cfg, HydraConfig.get().runtime.output_dir, job=JobContext.from_hydra())
+        return objective_value(summary, cfg.get("objective", "rel"))  # for sweepers (Optuna)
     except MMKEError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    return summary.get(cfg.get("objective", "rel"))
 
 
 if __name__ == "__main__":
+    # Under accelerate launch only the main process may write Hydra's files into the run folder.
+    sys.argv += rank_overrides(sys.argv[1:], launched_rank())
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -14,9 +15,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mmke.config import build
 
 from mmke.data.mmedit import check_images
+from mmke.distributed import Processes
 from mmke.evaluation.evaluator import Evaluator
-from mmke.results.run_folder import RunWriter
+from mmke.results.identity import HASH_KEY, config_hash, find_finished_run
+from mmke.results.run_folder import SUMMARY_FILE, RunWriter
 from mmke.summary import summarize, summary_table
+from mmke.sweep.job import JobContext
 
 log = logging.getLogger(__name__)
 
@@ -27,25 +31,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | None = None
+        ) -> dict:
     """Build everything from ``cfg``, run the protocol, write the run folder, return the summary.
 
     Everything that can fail on bad input (weights, annotation files, images, settings) is
     built and checked before the run folder gets its first result file.
+
+    Under ``accelerate launch`` each process edits its shard of the records (whole streams for
+    the sequential protocol); the main process gathers all rows and alone writes and logs.
+    Every process returns the same summary.
+
+    ``job`` says which sweep the run belongs to (``JobContext.from_hydra()`` in ``run.py``).
+    With ``resume`` set, a run whose complete result for the same config hash exists in the
+    sweep folder (a single run: in its own folder) is skipped, and the stored summary returned.
     """
     start = time.perf_counter()
+    processes = Processes.from_environment()
+    processes.set_cpu_threads(cfg.get("cpu_threads", "auto"))
     seed_everything(int(cfg.seed))
     run_dir = Path(run_dir if run_dir is not None else cfg.paths.run_dir)
     cfg = cfg.copy()
     with open_dict(cfg):  # outside a Hydra app the default ${hydra:...} cannot resolve
         cfg.paths.run_dir = str(run_dir)
-    source = build(cfg.data)
+    job = job if job is not None else JobContext()
+    identity = config_hash(OmegaConf.to_container(cfg, resolve=True))
+    finished = find_finished_run(job.resume_root(run_dir), identity, first=run_dir) \
+        if cfg.get("resume", True) else None
+    if finished is not None:
+        processes.close()
+        return _finished_summary(finished)
+    with processes.main_first():  # it fills the on-disk caches, the others read them
+        source = build(cfg.data)
     records = source.records("eval", limit=int(cfg.n_edits))
     check_images(records)
-    backbone = build(cfg.backbone)
+    protocol = build(cfg.protocol)
+    first, mine = processes.shard(records, unit=protocol.T)  # a stream stays in one process
+    with processes.main_first():
+        backbone, reused = job.load_backbone(cfg.backbone, processes.placement(cfg.backbone))
+    seed_everything(int(cfg.seed))  # the same random state whether loaded or reused
     regularizer = build(cfg.reg)
     editor = build(cfg.editor, regularizer=regularizer)
-    protocol = build(cfg.protocol)
     evaluator = Evaluator(build(cfg.eval), source.templates)
     logger = build(cfg.logger)
     if editor.needs_training:
@@ -53,17 +79,35 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     editor.attach(backbone, source.templates)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    writer = RunWriter(run_dir)
-    writer.write_config(resolved)
-    logger.start(resolved, run_dir)
+    writer = RunWriter(run_dir, is_main=processes.is_main)  # a no-op on the other processes
+    writer.write_config(resolved, meta={
+        HASH_KEY: identity, "job_num": job.num, "device": str(backbone.device),
+        "backbone_reused": reused,
+        "backbone_loads": job.backbones.loads if job.backbones is not None else 1})
+    if processes.is_main:
+        logger.start(resolved, run_dir, sweep=job.sweep_name)
 
     def sink(row: dict) -> None:
         writer.add_edit(row)
-        logger.log_edit(row["index"], row)
+        if processes.is_main:
+            logger.log_edit(row["index"], row)
 
-    rows = protocol.run(editor, evaluator, records, sink, progress=bool(cfg.progress))
-    summary = summarize(rows, time.perf_counter() - start, evaluator.forwards)
+    loop_start = time.perf_counter()
+    own = protocol.run(editor, evaluator, mine, sink, progress=bool(cfg.progress), start=first)
+    shards = processes.gather({"rows": own, "forwards": evaluator.forwards})
+    loop_s = time.perf_counter() - loop_start
+    for shard in shards[1:]:  # shards are contiguous in rank order: the main process's is first
+        for row in shard["rows"]:
+            sink(row)
+    rows = [row for shard in shards for row in shard["rows"]]
+    summary = summarize(rows, time.perf_counter() - start, sum(s["forwards"] for s in shards))
+    summary["n_processes"] = processes.world_size
+    summary["cost"]["loop_s"] = loop_s  # the edit loop alone, without building and loading
+    summary[HASH_KEY] = identity  # what a resumed sweep matches finished runs by
     writer.finish(summary)
+    processes.close()
+    if not processes.is_main:
+        return summary
     logger.log_summary(summary)
     logger.finish()
     label = f"{backbone.name} {editor.name}+{regularizer.name} {source.name} {protocol.name}"
@@ -74,3 +118,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
               "see the 'message' field in edits.jsonl")
     print(f"run folder: {run_dir}")
     return summary
+
+
+def _finished_summary(folder: Path) -> dict:
+    """The stored summary of a finished run with the same config, which is skipped."""
+    log.info("skipping: finished in %s", folder)
+    return json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))

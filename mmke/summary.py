@@ -13,9 +13,18 @@ from mmke.evaluation.evaluator import METRICS
 from mmke.evaluation.names import METRIC_LABELS
 
 
+def _finite(values: list) -> list:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
 def _mean(values: list) -> float | None:
-    values = [v for v in values if v is not None and math.isfinite(v)]
+    values = _finite(values)
     return fmean(values) if values else None
+
+
+def _max(values: list) -> float | None:
+    values = _finite(values)
+    return max(values) if values else None
 
 
 def summarize(rows: Sequence[dict], wall_s: float, eval_forwards: int) -> dict:
@@ -31,6 +40,10 @@ def summarize(rows: Sequence[dict], wall_s: float, eval_forwards: int) -> dict:
         "eval_forwards_per_edit": eval_forwards / max(1, len(rows)),
         "wall_s": wall_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # per edit (mmke.cost): the highest peak, and the growth over the memory before edit 0
+        "peak_mem_mb": _max([r.get("peak_mem_mb") for r in rows]),
+        "incremental_mem_mb": _max([r.get("incremental_mem_mb") for r in rows]),
+        "incremental_mem_mb_mean": _mean([r.get("incremental_mem_mb") for r in rows]),
     }
     return summary
 

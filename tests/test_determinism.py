@@ -15,7 +15,9 @@ def test_same_seed_gives_identical_summaries(tmp_path, pretrained):
     assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
     rows_a = (tmp_path / "a" / "edits.jsonl").read_text().splitlines()
     rows_b = (tmp_path / "b" / "edits.jsonl").read_text().splitlines()
-    strip = lambda line: {k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
+    # times (*_s) and memory (*_mb) are costs, measured, not results
+    strip = lambda line: {k: v for k, v in json.loads(line).items()
+                          if not k.endswith(("_s", "_mb"))}
     assert [strip(r) for r in rows_a] == [strip(r) for r in rows_b]
     on_disk = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert {k: on_disk[k] for k in METRICS} == {k: a[k] for k in METRICS}

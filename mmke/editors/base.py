@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mmke.backbones.base import Backbone, ForwardOutput, ModelBatch
+from mmke.cost import MemoryMeter
 from mmke.data.record import EditRecord, Prompt
 from mmke.data.prompts import PromptTemplates
 from mmke.regularizers.base import NoRegularizer, Regularizer
@@ -23,13 +24,16 @@ from mmke.regularizers.base import NoRegularizer, Regularizer
 
 @dataclass
 class EditOutcome:
-    """What one call of ``edit`` did. A failed edit (NaN/inf loss) leaves the model restored."""
+    """What one call of ``edit`` did. A failed edit (NaN/inf loss) leaves the model restored.
+    Memory in MiB as ``mmke.cost.MemoryMeter`` measures it."""
 
     ok: bool = True
     steps: int = 0
     final_loss: float | None = None
     seconds: float = 0.0
     message: str = ""
+    peak_mem_mb: float | None = None
+    incremental_mem_mb: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -46,6 +50,7 @@ class Editor(ABC):
         self.regularizer = regularizer if regularizer is not None else NoRegularizer()
         self.backbone: Backbone | None = None
         self.templates = PromptTemplates()
+        self.meter: MemoryMeter | None = None
 
     def attach(self, backbone: Backbone, templates: PromptTemplates) -> None:
         """Bind the editor to a backbone and the task's prompt templates (called once by the runner)."""
@@ -55,18 +60,23 @@ class Editor(ABC):
                 f"{type(self.regularizer).__name__} cannot be plugged in; use reg=none")
         self.backbone = backbone
         self.templates = templates
+        self.meter = MemoryMeter(backbone.device)  # its baseline: memory before the first edit
 
     def fit(self, train_records: Sequence[EditRecord]) -> None:
         """Train editor networks on the train split; a no-op for editors that need none."""
 
     def edit(self, records: Sequence[EditRecord]) -> EditOutcome:
         """Apply the edits of ``records`` (one record in the single protocol) on top of the current
-        state. Times the work; subclasses implement ``_apply``."""
-        if self.backbone is None:
+        state. Times the work and measures its peak memory; subclasses implement ``_apply``."""
+        if self.backbone is None or self.meter is None:
             raise RuntimeError("attach(backbone, templates) before edit()")
+        self.meter.start()
         start = time.perf_counter()
         outcome = self._apply(records)
         outcome.seconds = time.perf_counter() - start
+        memory = self.meter.stop()
+        outcome.peak_mem_mb = memory.peak_mem_mb
+        outcome.incremental_mem_mb = memory.incremental_mem_mb
         return outcome
 
     @abstractmethod

@@ -28,7 +28,7 @@ class CsvLogger(RunLogger):
         self._rows: list[dict[str, Any]] = []
         self._summary: dict[str, Any] | None = None
 
-    def start(self, config: dict[str, Any], run_dir: Path) -> None:
+    def start(self, config: dict[str, Any], run_dir: Path, sweep: str | None = None) -> None:
         self._run_dir = Path(run_dir)
         self._rows, self._summary = [], None
 

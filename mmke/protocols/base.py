@@ -31,7 +31,9 @@ class EditRow:
     def as_dict(self) -> dict:
         row = {"index": self.index, "uid": self.uid, **self.extra, "ok": self.outcome.ok,
                "steps": self.outcome.steps, "final_loss": self.outcome.final_loss,
-               "edit_s": self.outcome.seconds, "eval_s": self.eval_s}
+               "edit_s": self.outcome.seconds, "eval_s": self.eval_s,
+               "peak_mem_mb": self.outcome.peak_mem_mb,  # mmke.cost.MemoryMeter, MiB
+               "incremental_mem_mb": self.outcome.incremental_mem_mb}
         for name in METRICS:
             row[name] = None if self.metrics is None else 100.0 * self.metrics[name]
         if self.outcome.message:
@@ -50,7 +52,13 @@ class Protocol(ABC):
 
     @abstractmethod
     def run(self, editor: Editor, evaluator: Evaluator, records: Sequence[EditRecord],
-            sink: EditSink, progress: bool = True) -> list[dict]: ...
+            sink: EditSink, progress: bool = True, *, start: int = 0) -> list[dict]:
+        """Edit and evaluate ``records``, calling ``sink`` with each row as it is done.
+
+        ``start`` is the run-wide position of ``records[0]`` (non-zero for a process's shard of
+        a multi-process run): rows carry run-wide indices, so gathered shards sort back into
+        the order of one process.
+        """
 
     @staticmethod
     def _bar(total: int, desc: str, progress: bool) -> tqdm:

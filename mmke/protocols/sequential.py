@@ -17,7 +17,7 @@ class Sequential(Protocol):
         super().__init__(name, T)
 
     def run(self, editor: Editor, evaluator: Evaluator, records: Sequence[EditRecord],
-            sink: EditSink, progress: bool = True) -> list[dict]:
+            sink: EditSink, progress: bool = True, *, start: int = 0) -> list[dict]:
         assert editor.backbone is not None
         if len(records) % self.T:
             raise ValueError(f"{len(records)} records do not split into streams of T={self.T}; "
@@ -25,20 +25,22 @@ class Sequential(Protocol):
         refs = evaluator.references(editor.backbone, records)
         rows = []
         with self._bar(len(records), f"{editor.name}: sequential T={self.T}", progress) as bar:
-            for stream, start in enumerate(range(0, len(records), self.T)):
-                chunk = records[start:start + self.T]
+            for first in range(0, len(records), self.T):
+                chunk = records[first:first + self.T]
                 outcomes: list[EditOutcome] = []
                 for record in chunk:
                     outcomes.append(editor.edit([record]))
                     bar.update()
                 ok = [i for i, o in enumerate(outcomes) if o.ok]
                 metrics, eval_s = self._timed(lambda: evaluator.evaluate(
-                    editor, [chunk[i] for i in ok], [refs[start + i] for i in ok]))
+                    editor, [chunk[i] for i in ok], [refs[first + i] for i in ok]))
                 editor.restore()
                 by_position = dict(zip(ok, metrics))
                 for pos, (record, outcome) in enumerate(zip(chunk, outcomes)):
-                    row = EditRow(start + pos, record.uid, outcome, eval_s / max(1, len(ok)),
-                                  by_position.get(pos), {"stream": stream, "position": pos}).as_dict()
+                    index = start + first + pos  # run-wide, as is the stream number
+                    row = EditRow(index, record.uid, outcome, eval_s / max(1, len(ok)),
+                                  by_position.get(pos),
+                                  {"stream": (start + first) // self.T, "position": pos}).as_dict()
                     sink(row)
                     rows.append(row)
         return rows

@@ -18,7 +18,7 @@ class SingleEdit(Protocol):
         super().__init__(name, T)
 
     def run(self, editor: Editor, evaluator: Evaluator, records: Sequence[EditRecord],
-            sink: EditSink, progress: bool = True) -> list[dict]:
+            sink: EditSink, progress: bool = True, *, start: int = 0) -> list[dict]:
         assert editor.backbone is not None
         refs = evaluator.references(editor.backbone, records)  # unedited model, once per record
         rows = []
@@ -29,7 +29,7 @@ class SingleEdit(Protocol):
                 if outcome.ok:
                     (metrics,), eval_s = self._timed(lambda: evaluator.evaluate(editor, [record], [ref]))
                 editor.restore()
-                row = EditRow(i, record.uid, outcome, eval_s, metrics).as_dict()
+                row = EditRow(start + i, record.uid, outcome, eval_s, metrics).as_dict()
                 sink(row)
                 rows.append(row)
                 bar.update()

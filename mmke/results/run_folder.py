@@ -64,14 +64,16 @@ class RunWriter:
         """Whether ``run_dir`` holds a finished run (``summary.json`` is written last)."""
         return (Path(run_dir) / SUMMARY_FILE).is_file()
 
-    def write_config(self, resolved: Mapping[str, Any] | DictConfig) -> None:
-        """Write ``config.yaml`` (the resolved config) and ``meta.json`` (provenance)."""
+    def write_config(self, resolved: Mapping[str, Any] | DictConfig,
+                     meta: Mapping[str, Any] | None = None) -> None:
+        """Write ``config.yaml`` (the resolved config) and ``meta.json`` (provenance, plus the
+        run's own ``meta`` entries: its config hash, device, backbone reuse)."""
         if not self.is_main:
             return
         if isinstance(resolved, DictConfig):
             resolved = OmegaConf.to_container(resolved, resolve=True)  # type: ignore[assignment]
         atomic_write_text(self.run_dir / CONFIG_FILE, OmegaConf.to_yaml(to_jsonable(resolved)))
-        atomic_write_json(self.run_dir / META_FILE, self._meta())
+        atomic_write_json(self.run_dir / META_FILE, {**self._meta(), **(meta or {})})
 
     def add_edit(self, row: Mapping[str, Any]) -> None:
         """Append one edit's metrics as a JSON line and flush, so a crash loses at most this row."""

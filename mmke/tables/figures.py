@@ -38,7 +38,7 @@ from mmke.tables.stats import mean_std, per_seed
 
 OutLike = str | os.PathLike[str]
 #: Per-edit peak memory fields, preferred first.
-PEAK_MEMORY_FIELDS: tuple[str, ...] = ("delta_peak_mem_mb", "peak_mem_mb")
+PEAK_MEMORY_FIELDS: tuple[str, ...] = ("incremental_mem_mb", "delta_peak_mem_mb", "peak_mem_mb")
 ROLLING_WINDOW = 10
 
 
@@ -101,8 +101,9 @@ def more_figure7(runs: RunsLike, out: OutLike) -> list[Path]:
     """M-ORE Figure 7: per-edit latency (raw and rolling mean over ``ROLLING_WINDOW`` edits)
     and per-edit peak memory against the edit index, one line per run.
 
-    Memory comes from the per-edit field ``delta_peak_mem_mb`` or ``peak_mem_mb``; runs that
-    recorded neither get a note in that panel instead of a line.
+    Memory comes from the per-edit field ``incremental_mem_mb`` (``mmke.cost``: the peak over
+    the memory in use before the first edit, what M-ORE plots), ``delta_peak_mem_mb`` or
+    ``peak_mem_mb``; runs that recorded none of them get a note in that panel instead of a line.
     """
     edits = as_edit_rows(runs)
     if edits.empty or "edit_s" not in edits.columns or edits["edit_s"].isna().all():
