@@ -66,12 +66,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | No
     records = source.records("eval", limit=int(cfg.n_edits))
     check_images(records)
     protocol = build(cfg.protocol)
+    # editor and regularizer before the weights: a method that is not built yet, or a bad
+    # setting, stops the run before a 7B model is loaded
+    regularizer = build(cfg.reg)
+    editor = build(cfg.editor, regularizer=regularizer)
     first, mine = processes.shard(records, unit=protocol.T)  # a stream stays in one process
     with processes.main_first():
         backbone, reused = job.load_backbone(cfg.backbone, processes.placement(cfg.backbone))
     seed_everything(int(cfg.seed))  # the same random state whether loaded or reused
-    regularizer = build(cfg.reg)
-    editor = build(cfg.editor, regularizer=regularizer)
     evaluator = Evaluator(build(cfg.eval), source.templates)
     logger = build(cfg.logger)
     if editor.needs_training:

@@ -18,8 +18,10 @@ from mmke.backbones.base import Backbone
 from mmke.backbones.blip2 import Blip2Backbone
 from mmke.backbones.llava import LlavaBackbone
 from mmke.backbones.minigpt4 import MiniGPT4, MiniGPT4Backbone
+from mmke.backbones.qwen2vl import Qwen2VLBackbone
 from mmke.backbones.tiny.blip2 import TinyBlip2Spec, tiny_blip2_model
 from mmke.backbones.tiny.llava import TinyLlavaSpec, llama_config, tiny_llava_model
+from mmke.backbones.tiny.qwen2vl import TinyQwen2VLSpec, tiny_image_processor, tiny_qwen2vl_model
 from mmke.backbones.tiny.tokenizer import IMAGE, train_tokenizer
 
 QWEN_MARKERS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -67,10 +69,21 @@ def random_minigpt4() -> Backbone:
     return MiniGPT4Backbone(model, tok, processor, name="random_minigpt4")
 
 
+def random_qwen2vl() -> Backbone:
+    tok = _tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_MARKERS}
+    spec = TinyQwen2VLSpec(vocab_size=VOCAB, text_layers=3)
+    model = tiny_qwen2vl_model(spec, ids["<|image_pad|>"], ids["<|video_pad|>"],
+                               ids["<|vision_start|>"], ids["<|vision_end|>"], tok.pad_token_id,
+                               ids["<|im_end|>"])
+    return Qwen2VLBackbone(model, tok, tiny_image_processor(spec, SIZE), name="random_qwen2vl")
+
+
 FAMILIES: dict[str, Callable[[], Backbone]] = {
     "blip2": random_blip2,
     "llava": random_llava,
     "minigpt4": random_minigpt4,
+    "qwen2vl": random_qwen2vl,
 }
 
 
