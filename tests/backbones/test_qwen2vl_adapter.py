@@ -12,8 +12,10 @@ from mmke.backbones.base import IGNORE_INDEX
 from mmke.backbones.qwen2vl import (QWEN2VL_PROMPT, QWEN2VL_TEXT_PROMPT, TURN_END, Qwen2VLBackbone,
                                     load_qwen2vl, save_qwen2vl)
 from mmke.backbones.tiny.qwen2vl import (QWEN_MARKERS, TinyQwen2VLSpec, mrope_section,
-                                         tiny_image_processor, tiny_qwen2vl_model)
+                                         qwen2vl_stage1, tiny_image_processor, tiny_qwen2vl_model)
+from mmke.backbones.tiny.stage1 import Stage1Spec
 from mmke.backbones.tiny.tokenizer import train_tokenizer
+from mmke.data.miniworld.generate import MiniWorldSpec, ensure_miniworld
 from mmke.data.record import LazyImage, Prompt
 from mmke.errors import WeightsNotFoundError
 
@@ -238,3 +240,17 @@ def test_missing_weights_say_which_setting(path, needle):
 def test_folder_without_config_is_reported(tmp_path: Path):
     with pytest.raises(WeightsNotFoundError, match="no config.json"):
         load_qwen2vl(str(tmp_path))
+
+
+def test_stage1_learns_column_attributes_from_merged_tokens(qwen, tmp_path):
+    world = ensure_miniworld(tmp_path, MiniWorldSpec(train_scenes=300, eval_scenes=40, loc_scenes=10,
+                                                     fact_subjects=3, probes_per_category=1))
+    torch.manual_seed(0)
+    ids = {m: qwen.tokenizer.convert_tokens_to_ids(m) for m in QWEN_MARKERS}
+    spec = TinyQwen2VLSpec(vocab_size=300, vision_layers=2, text_layers=1)
+    model = tiny_qwen2vl_model(spec, ids["<|image_pad|>"], ids["<|video_pad|>"],
+                               ids["<|vision_start|>"], ids["<|vision_end|>"], 0, ids[TURN_END])
+    backbone = Qwen2VLBackbone(model, qwen.tokenizer, qwen.image_processor)
+    untrained = qwen2vl_stage1(backbone, world, Stage1Spec(steps=0))
+    trained = qwen2vl_stage1(backbone, world, Stage1Spec(steps=150, batch_size=32))
+    assert trained["stage1_eval_column_accuracy"] > untrained["stage1_eval_column_accuracy"] + 0.2

@@ -129,7 +129,10 @@ def qwen2vl_stage1(backbone: Qwen2VLBackbone, world: Path, spec: Stage1Spec) -> 
         n = pixel_values.shape[0]
         thw = torch.tensor(grid).expand(n, 3)
         merged = visual(pixel_values.flatten(0, 1), grid_thw=thw).pooler_output
-        return columns_of_grid(merged.view(n, -1, hidden), rows=grid[1] // backbone.merge_size)
+        rows, columns = grid[1] // backbone.merge_size, grid[2] // backbone.merge_size
+        tokens = merged.view(n, rows, columns, hidden)
+        pick = torch.randint(0, rows, (n, 1, columns, 1)).expand(n, 1, columns, hidden)
+        return tokens.gather(1, pick).squeeze(1)
 
     return representation_stage(column_states, list(visual.parameters()), hidden, backbone.model,
                                 stacked, world, spec)
