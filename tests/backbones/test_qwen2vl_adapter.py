@@ -109,7 +109,7 @@ def test_prompt_format_must_hold_the_placeholder_once(qwen):
 
 def test_merged_tokens_are_row_major_over_the_picture(qwen):
     """Patch block k (4 patches, merged into image token k) covers cell (k // 3, k % 3): so
-    ``columns_of_grid(tokens, rows=3)`` averages the picture's columns."""
+    ``token_of_each_column(tokens, rows=3)`` reads a token of each column of the picture."""
     cells = np.zeros((48, 48, 3), dtype=np.uint8)
     for k in range(9):
         cells[16 * (k // 3):16 * (k // 3 + 1), 16 * (k % 3):16 * (k % 3 + 1)] = 20 * k
@@ -243,8 +243,9 @@ def test_folder_without_config_is_reported(tmp_path: Path):
 
 
 def test_stage1_learns_column_attributes_from_merged_tokens(qwen, tmp_path):
-    world = ensure_miniworld(tmp_path, MiniWorldSpec(train_scenes=300, eval_scenes=40, loc_scenes=10,
-                                                     fact_subjects=3, probes_per_category=1))
+    small = MiniWorldSpec(train_scenes=300, eval_scenes=40, loc_scenes=10, fact_subjects=3,
+                          probes_per_category=1)
+    world = ensure_miniworld(tmp_path, small)
     torch.manual_seed(0)
     ids = {m: qwen.tokenizer.convert_tokens_to_ids(m) for m in QWEN_MARKERS}
     spec = TinyQwen2VLSpec(vocab_size=300, vision_layers=2, text_layers=1)

@@ -2,7 +2,7 @@
 
 import torch
 
-from mmke.backbones.tiny.stage1 import ATTRIBUTES, Stage1Spec, column_labels, columns_of_grid
+from mmke.backbones.tiny.stage1 import ATTRIBUTES, Stage1Spec, column_labels, token_of_each_column
 from mmke.backbones.blip2 import Blip2Backbone
 from mmke.backbones.tiny.blip2 import TinyBlip2Spec, blip2_stage1, tiny_blip2_model
 from mmke.data.miniworld.generate import MiniWorldSpec, ensure_miniworld
@@ -37,6 +37,13 @@ def test_stage1_learns_column_attributes(random_tiny, tmp_path):
     assert trained["stage1_eval_column_accuracy"] > untrained["stage1_eval_column_accuracy"] + 0.2
 
 
-def test_columns_of_grid_averages_each_column_of_patches():
-    tokens = torch.arange(9.0).reshape(1, 9, 1)  # row-major 3x3 grid
-    assert columns_of_grid(tokens, rows=3).flatten().tolist() == [3.0, 4.0, 5.0]
+def test_token_of_each_column_draws_one_row_per_picture_and_column():
+    tokens = torch.arange(9.0).reshape(1, 9, 1).expand(400, 9, 1)  # row-major 3x3 grid, cell k = k
+    torch.manual_seed(0)
+    picked = token_of_each_column(tokens, rows=3).squeeze(-1)  # [400, 3]
+    # column c holds cells c, c + 3, c + 6; every row of every column gets drawn
+    assert torch.equal(picked % 3, torch.arange(3.0).expand(400, 3))
+    for c in range(3):
+        assert set(picked[:, c].tolist()) == {c, c + 3.0, c + 6.0}
+    # rows are drawn independently per column, not one row for the whole picture
+    assert not torch.equal(picked[:, 0] // 3, picked[:, 1] // 3)

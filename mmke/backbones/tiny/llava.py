@@ -2,8 +2,8 @@
 Llama, all real transformers classes, pretrained on the mini world and cached.
 
 LLaVA's own recipe starts from a pretrained CLIP and trains projector + language model with the
-vision tower frozen. Here stage 1 (``stage1.py``) stands in for CLIP's pretraining: the mean of
-each column of patch tokens at the feature layer learns to describe that column. Stage 2 is
+vision tower frozen. Here stage 1 (``stage1.py``) stands in for CLIP's pretraining: every patch token
+at the feature layer learns to describe its column of the picture. Stage 2 is
 LLaVA's: projector + Llama on the train split's prompts, vision tower frozen. Loaded back through
 ``load_llava``, the code path of real llava-hf weights.
 """
@@ -22,12 +22,12 @@ from mmke.backbones.tiny.builder import cache_key, cached_build
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.pretrain import PretrainSpec
 from mmke.backbones.tiny.recipe import fan_in_init, two_stage_training
-from mmke.backbones.tiny.stage1 import Stage1Spec, columns_of_grid, representation_stage
+from mmke.backbones.tiny.stage1 import Stage1Spec, representation_stage, token_of_each_column
 from mmke.backbones.tiny.tokenizer import IMAGE, train_tokenizer
 from mmke.data.miniworld.generate import MiniWorldSpec, ensure_miniworld
 
 # Bump when the build recipe changes for the same settings, so caches are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ def tiny_llava_model(spec: TinyLlavaSpec, image_size: int, image_token_id: int, 
 
 
 def llava_stage1(backbone: LlavaBackbone, world: Path, spec: Stage1Spec) -> dict[str, float]:
-    """Stand-in for CLIP pretraining: columns of patch tokens at the feature layer describe the
-    column of the picture they cover."""
+    """Stand-in for CLIP pretraining: every patch token at the feature layer describes the column
+    of the picture it lies in (``token_of_each_column``)."""
     model = backbone.model
     tower = model.model.vision_tower
     rows = model.config.vision_config.image_size // model.config.vision_config.patch_size
@@ -82,7 +82,7 @@ def llava_stage1(backbone: LlavaBackbone, world: Path, spec: Stage1Spec) -> dict
     def column_states(pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = tower(pixel_values, output_hidden_states=True).hidden_states
         patches = hidden[model.config.vision_feature_layer][:, 1:]  # drop CLS, as LLaVA does
-        return columns_of_grid(patches, rows)
+        return token_of_each_column(patches, rows)
 
     return representation_stage(column_states, list(tower.parameters()),
                                 model.config.vision_config.hidden_size, model, backbone.pixels,

@@ -4,12 +4,16 @@ and cached.
 
 Geometry: 48-pixel pictures, 8-pixel patches, 2x2 merging, so each picture is a 6x6 patch grid
 merged into 3x3 = 9 image tokens, one per cell of the mini world's 3x3 grid (row-major, as the
-processor and the merger lay them out). Stage 1 (``stage1.py``) stands in for Qwen's own ViT
-pretraining: the mean of each column of merged tokens learns to describe that column of the
-picture; it trains the whole visual model, merger included. Stage 2 trains the merger (Qwen2-VL's
-vision-language projector) and the language model on the train split's prompts with the ViT
-frozen, as LLaVA's stage 2 does: the merger's output must settle into the language model's input
-space, which a frozen stage-1 merger never saw. Loaded back through ``load_qwen2vl``.
+processor and the merger lay them out).
+
+Stage 1 (``qwen2vl_stage1``) stands in for Qwen's own ViT pretraining: it trains the whole visual
+model, merger included, so that every image token describes its column of the picture. Stage 2
+trains the language model on the train split's prompts with the whole visual model frozen, the
+merger (Qwen2-VL's vision-language projector) included. Unlike a fresh LLaVA projector, the merger
+is part of what stage 1 learnt, and training it at the language model's learning rate washes out
+the subtler features (size, column): measured at 4 epochs of stage 2 after a column-mean stage 1,
+85.0% of the eval questions answered with the merger frozen against 78.8% with it training (62%
+with the ViT training too). Loaded back through ``load_qwen2vl``, the code path of real weights.
 """
 
 from __future__ import annotations
@@ -28,14 +32,14 @@ from mmke.backbones.tiny.builder import cache_key, cached_build
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.pretrain import PretrainSpec
 from mmke.backbones.tiny.recipe import fan_in_init, two_stage_training
-from mmke.backbones.tiny.stage1 import Stage1Spec, columns_of_grid, representation_stage
+from mmke.backbones.tiny.stage1 import Stage1Spec, representation_stage, token_of_each_column
 from mmke.backbones.tiny.tokenizer import train_tokenizer
 from mmke.data.miniworld.generate import MiniWorldSpec, ensure_miniworld
 from mmke.data.prompts import VQA_TEMPLATE
 from mmke.data.record import LazyImage
 
 # Bump when the build recipe changes for the same settings, so caches are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 #: Qwen's chat and vision markers, kept whole by the tiny tokenizer (the real vocabulary has them)
 QWEN_MARKERS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -110,8 +114,9 @@ def tiny_image_processor(spec: TinyQwen2VLSpec, image_size: int) -> Qwen2VLImage
 
 
 def qwen2vl_stage1(backbone: Qwen2VLBackbone, world: Path, spec: Stage1Spec) -> dict[str, float]:
-    """Stand-in for Qwen's ViT pretraining: columns of merged image tokens (the merger's output,
-    row-major over the merged grid) describe the column of the picture they cover."""
+    """Stand-in for Qwen's ViT pretraining, on the merger's output (the image tokens, row-major
+    over the merged grid): every image token describes the column of the picture it lies in
+    (``token_of_each_column``)."""
     visual = backbone.model.model.visual
     hidden = backbone.model.config.vision_config.hidden_size
     grids: set[tuple[int, ...]] = set()
@@ -130,9 +135,7 @@ def qwen2vl_stage1(backbone: Qwen2VLBackbone, world: Path, spec: Stage1Spec) -> 
         thw = torch.tensor(grid).expand(n, 3)
         merged = visual(pixel_values.flatten(0, 1), grid_thw=thw).pooler_output
         rows, columns = grid[1] // backbone.merge_size, grid[2] // backbone.merge_size
-        tokens = merged.view(n, rows, columns, hidden)
-        pick = torch.randint(0, rows, (n, 1, columns, 1)).expand(n, 1, columns, hidden)
-        return tokens.gather(1, pick).squeeze(1)
+        return token_of_each_column(merged.view(n, rows * columns, hidden), rows)
 
     return representation_stage(column_states, list(visual.parameters()), hidden, backbone.model,
                                 stacked, world, spec)
@@ -152,11 +155,10 @@ def build_tiny_qwen2vl(out: Path, world: Path, world_spec: MiniWorldSpec, spec: 
                                tokenizer.pad_token_id, ids[TURN_END])
     backbone = Qwen2VLBackbone(model, tokenizer, tiny_image_processor(spec, world_spec.image_size),
                                name="tiny_qwen2vl", pixel_cache_size=100_000)
-    visual = model.model.visual
-    # the ViT is frozen in stage 2; the merger (the projector) keeps training
-    vit = [p for n, p in visual.named_parameters() if not n.startswith("merger.")]
+    # stage 2 freezes the whole visual model, merger (the projector) included; see the module doc
+    visual = list(model.model.visual.parameters())
     first = (lambda: qwen2vl_stage1(backbone, world, stage1)) if stage1.steps else None
-    report = two_stage_training(backbone, world, train, first, vit, progress)
+    report = two_stage_training(backbone, world, train, first, visual, progress)
     save_qwen2vl(backbone, out)
     return report
 

@@ -3,7 +3,7 @@
 Every real family starts from a vision encoder pretrained on images (BLIP-2's Q-Former stage 1,
 CLIP for LLaVA, Qwen's own ViT pretraining). The tiny recipes stand in for that with a supervised
 objective their world affords: one visual state per column of the picture (a query token for
-BLIP-2, the mean of a column of patch tokens for LLaVA and Qwen2-VL) learns to say which column
+BLIP-2, any patch token of the column for LLaVA and Qwen2-VL) learns to say which column
 it is, and the colour, shape and size of the column's object or "empty", read from the world's
 scene annotations. Without this stage the tiny language model never learns to read shapes from
 the image tokens (measured on BLIP-2: chance level after 2,000 steps), while this stage learns
@@ -48,10 +48,19 @@ def column_labels(objects: list[dict]) -> torch.Tensor:
     return labels
 
 
-def columns_of_grid(tokens: torch.Tensor, rows: int) -> torch.Tensor:
-    """Row-major patch tokens [n, rows*columns, d] to one state per column, [n, columns, d]."""
+def token_of_each_column(tokens: torch.Tensor, rows: int) -> torch.Tensor:
+    """Row-major patch tokens [n, rows*columns, d] to one token per column, [n, columns, d], its
+    row drawn at random per picture and column (from torch's global generator).
+
+    Supervising a random row on every step makes every token of a column describe the column,
+    which is what a language model reading single tokens needs. Supervising the column mean
+    constrains only the sum of a column's tokens: the two rows off the object's centre stay
+    background, and the tiny Llama then fails existence and position questions (measured on tiny
+    Qwen2-VL at 4 epochs of stage 2: 88.6% of the E-VQA eval questions against 85.0%)."""
     n, count, d = tokens.shape
-    return tokens.reshape(n, rows, count // rows, d).mean(1)
+    grid = tokens.reshape(n, rows, count // rows, d)
+    pick = torch.randint(0, rows, (n, 1, count // rows, 1), device=tokens.device)
+    return grid.gather(1, pick.expand(n, 1, count // rows, d)).squeeze(1)
 
 
 def representation_stage(column_states: Callable[[torch.Tensor], torch.Tensor],
