@@ -15,15 +15,10 @@ from mmke.evaluation.knowledge import knowledge_report
 from tests.conftest import compose_config
 
 BAR = 0.90
-# Known shortfall (issue 3 stays open): the patch-token families read captions (>= 99%) and
-# facts (100%) but reach 74% (LLaVA) and 85% (Qwen2-VL) of the E-VQA-mini eval questions and
-# 73% / 83% of multimodal locality; the query-token families (BLIP-2, MiniGPT-4) pass.
-BELOW_BAR = pytest.mark.xfail(reason="tiny recipe below the 90% E-VQA bar (issue 3 open)",
-                              strict=False)
 FAMILIES = [pytest.param("tiny_blip2"),
-            pytest.param("tiny_llava", marks=[pytest.mark.slow, BELOW_BAR]),
+            pytest.param("tiny_llava", marks=pytest.mark.slow),
             pytest.param("tiny_minigpt4", marks=pytest.mark.slow),
-            pytest.param("tiny_qwen2vl", marks=[pytest.mark.slow, BELOW_BAR])]
+            pytest.param("tiny_qwen2vl", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
