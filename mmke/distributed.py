@@ -163,6 +163,11 @@ class Processes:
         with self._state.main_process_first():
             yield
 
+    def barrier(self) -> None:
+        """Wait until every process gets here (nothing to do for a single process)."""
+        if self.world_size > 1:
+            self._state.wait_for_everyone()
+
     def set_cpu_threads(self, setting: int | str | None) -> int:
         """Apply the ``cpu_threads`` setting (``auto`` or a count) and return torch's thread
         count. Several CPU processes on one machine are only faster than one when each keeps to
@@ -184,5 +189,5 @@ class Processes:
         """Leave the process group together (nothing to do for a single process): a process that
         leaves while another still uses the group aborts it."""
         if self.world_size > 1:
-            self._state.wait_for_everyone()
+            self.barrier()
             self._state.destroy_process_group()

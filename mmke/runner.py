@@ -94,6 +94,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | No
         if processes.is_main:
             logger.log_edit(row["index"], row)
 
+    # the others load after the main process (main_first): start the clock when all are ready,
+    # so loop_s times the edit loop alone, not the main process waiting for a late start
+    processes.barrier()
     loop_start = time.perf_counter()
     own = protocol.run(editor, evaluator, mine, sink, progress=bool(cfg.progress), start=first)
     shards = processes.gather({"rows": own, "forwards": evaluator.forwards})
