@@ -47,6 +47,14 @@ def world_dir(default_cfg) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """A small mini world (300 train scenes) for stage-1 tests, generated once per session."""
+    spec = MiniWorldSpec(train_scenes=300, eval_scenes=40, loc_scenes=10, fact_subjects=3,
+                         probes_per_category=1)
+    return ensure_miniworld(tmp_path_factory.mktemp("small_world"), spec)
+
+
+@pytest.fixture(scope="session")
 def vqa_source(default_cfg):
     return instantiate(default_cfg.data)
 

@@ -15,7 +15,6 @@ from mmke.backbones.tiny.qwen2vl import (QWEN_MARKERS, TinyQwen2VLSpec, mrope_se
                                          qwen2vl_stage1, tiny_image_processor, tiny_qwen2vl_model)
 from mmke.backbones.tiny.stage1 import Stage1Spec
 from mmke.backbones.tiny.tokenizer import train_tokenizer
-from mmke.data.miniworld.generate import MiniWorldSpec, ensure_miniworld
 from mmke.data.record import LazyImage, Prompt
 from mmke.errors import WeightsNotFoundError
 
@@ -242,10 +241,8 @@ def test_folder_without_config_is_reported(tmp_path: Path):
         load_qwen2vl(str(tmp_path))
 
 
-def test_stage1_learns_column_attributes_from_merged_tokens(qwen, tmp_path):
-    small = MiniWorldSpec(train_scenes=300, eval_scenes=40, loc_scenes=10, fact_subjects=3,
-                          probes_per_category=1)
-    world = ensure_miniworld(tmp_path, small)
+def test_stage1_learns_column_attributes_from_merged_tokens(qwen, small_world):
+    world = small_world
     torch.manual_seed(0)
     ids = {m: qwen.tokenizer.convert_tokens_to_ids(m) for m in QWEN_MARKERS}
     spec = TinyQwen2VLSpec(vocab_size=300, vision_layers=2, text_layers=1)

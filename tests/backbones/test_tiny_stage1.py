@@ -5,7 +5,6 @@ import torch
 from mmke.backbones.tiny.stage1 import ATTRIBUTES, Stage1Spec, column_labels, token_of_each_column
 from mmke.backbones.blip2 import Blip2Backbone
 from mmke.backbones.tiny.blip2 import TinyBlip2Spec, blip2_stage1, tiny_blip2_model
-from mmke.data.miniworld.generate import MiniWorldSpec, ensure_miniworld
 
 
 def test_column_labels_mark_empty_columns():
@@ -25,9 +24,8 @@ def test_scene_annotations_cover_every_picture(world_dir):
             assert row[key] in scenes["eval"]
 
 
-def test_stage1_learns_column_attributes(random_tiny, tmp_path):
-    world = ensure_miniworld(tmp_path, MiniWorldSpec(train_scenes=300, eval_scenes=40, loc_scenes=10,
-                                                     fact_subjects=3, probes_per_category=1))
+def test_stage1_learns_column_attributes(random_tiny, small_world):
+    world = small_world
     torch.manual_seed(0)
     model = tiny_blip2_model(TinyBlip2Spec(vocab_size=300, text_layers=1), 48,
                              random_tiny.image_token_id, 0, 1, 2)

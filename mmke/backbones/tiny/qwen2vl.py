@@ -134,8 +134,7 @@ def qwen2vl_stage1(backbone: Qwen2VLBackbone, world: Path, spec: Stage1Spec) -> 
         n = pixel_values.shape[0]
         thw = torch.tensor(grid).expand(n, 3)
         merged = visual(pixel_values.flatten(0, 1), grid_thw=thw).pooler_output
-        rows, columns = grid[1] // backbone.merge_size, grid[2] // backbone.merge_size
-        return token_of_each_column(merged.view(n, rows * columns, hidden), rows)
+        return token_of_each_column(merged.view(n, -1, hidden), rows=grid[1] // backbone.merge_size)
 
     return representation_stage(column_states, list(visual.parameters()), hidden, backbone.model,
                                 stacked, world, spec)

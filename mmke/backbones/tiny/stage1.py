@@ -50,17 +50,18 @@ def column_labels(objects: list[dict]) -> torch.Tensor:
 
 def token_of_each_column(tokens: torch.Tensor, rows: int) -> torch.Tensor:
     """Row-major patch tokens [n, rows*columns, d] to one token per column, [n, columns, d], its
-    row drawn at random per picture and column (from torch's global generator).
+    row drawn at random per picture and column (from torch's global generator, which the builds
+    seed).
 
     Supervising a random row on every step makes every token of a column describe the column,
     which is what a language model reading single tokens needs. Supervising the column mean
-    constrains only the sum of a column's tokens: the two rows off the object's centre stay
-    background, and the tiny Llama then fails existence and position questions (measured on tiny
-    Qwen2-VL at 4 epochs of stage 2: 88.6% of the E-VQA eval questions against 85.0%)."""
+    constrains only the sum of a column's tokens: the rows off the object's centre stay
+    background, and the tiny Llama then fails existence and position questions (E-VQA-mini eval,
+    12 epochs of stage 2: tiny LLaVA 73.8% with the mean, 99.7% with a random row)."""
     n, count, d = tokens.shape
-    grid = tokens.reshape(n, rows, count // rows, d)
-    pick = torch.randint(0, rows, (n, 1, count // rows, 1), device=tokens.device)
-    return grid.gather(1, pick.expand(n, 1, count // rows, d)).squeeze(1)
+    columns = count // rows
+    pick = torch.randint(0, rows, (n, 1, columns, 1), device=tokens.device)
+    return tokens.reshape(n, rows, columns, d).gather(1, pick.expand(-1, -1, -1, d)).squeeze(1)
 
 
 def representation_stage(column_states: Callable[[torch.Tensor], torch.Tensor],
