@@ -1,4 +1,5 @@
-"""Data sources as Hydra builds them: real MMEdit under ``data.root``, or the embedded mini world."""
+"""Data sources as Hydra builds them: real MMEdit or VLKEB under ``data.root``, or the embedded
+mini world."""
 
 from __future__ import annotations
 
@@ -30,6 +31,31 @@ def mmedit(root: str | None, task: str, train_file: str, eval_file: str,
                         image_root=image_root or str(base), train_file=train_file,
                         eval_file=eval_file, edit_template=edit_template or _TEMPLATES[task],
                         name=name)
+
+
+# VLKEB's released folder (README of VLKEB/VLKEB): the annotation files at the top, the images in
+# VLKEB_images/<entity id>/<file>.jpg, which is what the records' image paths are relative to.
+VLKEB_IMAGE_DIR = "VLKEB_images"
+
+
+def vlkeb(root: str | None, train_file: str, eval_file: str, annotation_dir: str | None = None,
+          image_root: str | None = None, edit_template: str = "{}", m_loc_template: str = "{}",
+          name: str = "") -> MMEditSource:
+    """VLKEB (Huang et al., 2024) in its released layout: ``root/{train,eval,eval_edit_onehop}.json``
+    and the images under ``root/VLKEB_images/``. ``annotation_dir`` and ``image_root`` override the
+    two halves separately. The records are MMEdit-schema VQA rows; the one-hop file adds
+    ``port_new`` (see ``mmke.data.prompts.portability_prompts``)."""
+    if not root and not (annotation_dir and image_root):
+        raise DataError(
+            "data.root is not set",
+            hint=f"point data.root at the VLKEB folder (train.json, eval.json and "
+                 f"eval_edit_onehop.json beside {VLKEB_IMAGE_DIR}/ with the images), or set "
+                 f"data.annotation_dir and data.image_root separately")
+    base = Path(root) if root else Path()
+    return MMEditSource(task="vqa", annotation_dir=annotation_dir or str(base),
+                        image_root=image_root or str(base / VLKEB_IMAGE_DIR),
+                        train_file=train_file, eval_file=eval_file, edit_template=edit_template,
+                        m_loc_template=m_loc_template, name=name or "vlkeb")
 
 
 class MiniWorldSource(MMEditSource):

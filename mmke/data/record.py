@@ -37,15 +37,17 @@ class EditRecord:
     ``src`` is the edit question (E-VQA) or caption prompt (E-IC), ``pred`` the unedited model's
     answer recorded by the benchmark, ``alt`` the new target, ``rephrase`` the text rephrase,
     ``image_rephrase`` the re-rendered image, ``loc``/``loc_ans`` the text-locality pair and
-    ``m_loc``/``m_loc_q``/``m_loc_a`` the multimodal-locality triple.
+    ``m_loc``/``m_loc_q``/``m_loc_a`` the multimodal-locality triple. ``image`` and
+    ``image_rephrase`` are None only in a text-only edit request (VLKEB's second edit,
+    ``mmke.data.prompts.port_edit_requests``); a loaded record always has both.
     """
 
     src: str
     pred: str
     alt: str
     rephrase: str
-    image: LazyImage
-    image_rephrase: LazyImage
+    image: LazyImage | None
+    image_rephrase: LazyImage | None
     loc: str
     loc_ans: str
     m_loc: LazyImage
@@ -56,7 +58,9 @@ class EditRecord:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-PromptKind = Literal["rel", "t_gen", "m_gen", "t_loc", "m_loc", "orig"]
+# "port": VLKEB one-hop portability; "loc_*": DE-VQA's locality sets (see mmke.data.prompts).
+PromptKind = Literal["rel", "t_gen", "m_gen", "t_loc", "m_loc", "orig", "port",
+                     "loc_same_image", "loc_similar_image", "loc_no_image"]
 
 
 @dataclass(frozen=True)

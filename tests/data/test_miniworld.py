@@ -1,8 +1,10 @@
 """The mini world generator: deterministic, MMEdit schema, loadable, coherent answers."""
 
+import hashlib
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from mmke.data.miniworld.generate import ANNOTATION_FILES, PROBE_CATEGORIES, MiniWorldSpec, ensure_miniworld
@@ -84,3 +86,49 @@ def test_interrupted_build_leaves_no_world(tmp_path: Path, monkeypatch):
         pass
     assert not (tmp_path / "miniworld" / SMALL.key()).exists()
     assert list((tmp_path / "miniworld").iterdir()) == []
+
+
+# --- version 5 adds fields, never changes old ones ------------------------------------------
+
+LEGACY_KEYS = REQUIRED_FIELDS + ("kind",)
+# legacy_digest of worlds written by GENERATOR_VERSION 4 (before port_new and the loc_* fields):
+# the tiny backbones are pretrained on these fields, pictures, scenes and facts.
+VERSION_4_DIGESTS = [
+    (SMALL, "e99f8c230c5fdd9c76833843643ce5b2efc901aa0309cabbe2cc300e70c9c93c"),
+    (MiniWorldSpec(seed=11, train_scenes=30, eval_scenes=20, loc_scenes=6, fact_subjects=5,
+                   probes_per_category=2),
+     "8e3d0f1c0a91a61bf86970dbcc3678b7cec63a4047a4713ca58afc654aa29b0e"),
+]
+
+
+def legacy_digest(root: Path) -> str:
+    """SHA-256 over everything version 4 wrote: the old fields of every record, scenes.json,
+    facts.json, the probe sets, and the pixels of every picture they name."""
+    h = hashlib.sha256()
+
+    def add(obj: object) -> None:
+        h.update(json.dumps(obj, sort_keys=True).encode())
+
+    for name in sorted(ANNOTATION_FILES.values()):
+        rows = json.loads((root / name).read_text())
+        add([{k: r[k] for k in LEGACY_KEYS if k in r} for r in rows])
+    scenes = json.loads((root / "scenes.json").read_text())
+    add({s: scenes[s] for s in ("train", "eval")})
+    add(json.loads((root / "facts.json").read_text()))
+    pictures = [p for s in ("train", "eval") for p in scenes[s]]
+    for category in PROBE_CATEGORIES:
+        rows = json.loads((root / "probes" / f"{category}.json").read_text())
+        add(rows)
+        pictures += [r["image"] for r in rows]
+    for p in sorted(set(pictures)):
+        with Image.open(root / p) as img:
+            h.update(p.encode())
+            h.update(img.convert("RGB").tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("spec,digest", VERSION_4_DIGESTS)
+def test_new_fields_leave_version_4_untouched(tmp_path: Path, spec: MiniWorldSpec, digest: str):
+    root = ensure_miniworld(tmp_path, spec)
+    assert legacy_digest(root) == digest
+    assert set(json.loads((root / "scenes.json").read_text())) == {"train", "eval"}

@@ -16,18 +16,24 @@ from pathlib import Path
 
 import numpy as np
 
+from mmke.data.miniworld.extensions import (EXTRA_STREAM, caption_edit, onehop, similar_scene,
+                                            unrelated_question)
 from mmke.data.miniworld.facts import Fact, fact_bank
-from mmke.data.miniworld.questions import ask, caption, caption_prompts, counterfactual_caption
+from mmke.data.miniworld.questions import (Question, answer, ask, caption, caption_prompts,
+                                           counterfactual_caption)
 from mmke.data.miniworld.render import render
 from mmke.data.miniworld.scene import Scene, sample_rendering, sample_scene
 from mmke.data.miniworld.vocab import QUESTION_TEMPLATES
 
 # Bump when the generator's output changes for the same spec, so caches are rebuilt.
-GENERATOR_VERSION = 4
+# 5: one-hop portability (``port_new``) and the DE-VQA locality fields (``loc_*``), drawn from a
+# second generator so that everything version 4 wrote is unchanged.
+GENERATOR_VERSION = 5
 ANNOTATION_FILES = {("vqa", "train"): "vqa_train.json", ("vqa", "eval"): "vqa_eval.json",
                     ("caption", "train"): "caption_train_edit.json",
                     ("caption", "eval"): "caption_eval_edit.json"}
 PROBE_CATEGORIES = ("existence", "count", "position", "colour")
+SIMILAR_SCENES_FILE = "scenes_similar.json"
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,8 @@ def ensure_miniworld(cache_dir: str | Path, spec: MiniWorldSpec) -> Path:
 
 def write_world(out: Path, spec: MiniWorldSpec) -> None:
     rng = np.random.default_rng(spec.seed)
+    extra = np.random.default_rng([spec.seed, EXTRA_STREAM])  # new fields only; see extensions.py
+    similar: dict[str, dict[str, list[dict]]] = {}
     facts = fact_bank(rng, spec.fact_subjects)
     counts: dict[str, int] = {}
     annotations: dict[str, dict[str, list[dict]]] = {}
@@ -88,6 +96,7 @@ def write_world(out: Path, spec: MiniWorldSpec) -> None:
         annotations[split].update({f"images/{split}/l{j:05d}.png": [asdict(o) for o in scene.objects]
                                    for j, scene in enumerate(loc_scenes)})
         vqa, cap = [], []
+        asked: list[tuple[Scene, Question]] = []  # per VQA row, for the fields drawn from ``extra``
         for i, scene in enumerate(scenes):
             base = {"image": f"images/{split}/s{i:05d}.png",
                     "image_rephrase": f"images/{split}/s{i:05d}_r.png"}
@@ -98,11 +107,13 @@ def write_world(out: Path, spec: MiniWorldSpec) -> None:
                             "rephrase": q.texts[int(rng.integers(1, len(q.texts)))],
                             "alt": q.alternatives[int(rng.integers(0, len(q.alternatives)))],
                             **base, **_locality(rng, facts, loc_scenes, split), "kind": str(kind)})
+                asked.append((scene, q))
             prompts = caption_prompts()
             cap.append({"src": prompts[0], "pred": caption(scene),
                         "rephrase": prompts[int(rng.integers(1, len(prompts)))],
                         "alt": counterfactual_caption(scene, rng),
                         **base, **_locality(rng, facts, loc_scenes, split)})
+        similar[split] = _extend(vqa, asked, cap, scenes, split, extra, spec, out)
         for (task, s), name in ANNOTATION_FILES.items():
             if s == split:
                 records = vqa if task == "vqa" else cap
@@ -112,8 +123,50 @@ def write_world(out: Path, spec: MiniWorldSpec) -> None:
     (out / "facts.json").write_text(json.dumps([asdict(f) for f in facts], indent=1))
     # What every picture shows, as COCO ships object annotations beside its images.
     (out / "scenes.json").write_text(json.dumps(annotations))
+    # The similar-image pictures, apart: stage 1 of the tiny backbones trains on every picture of
+    # scenes.json, which must stay as it was.
+    (out / SIMILAR_SCENES_FILE).write_text(json.dumps(similar))
     manifest = {"generator_version": GENERATOR_VERSION, "spec": asdict(spec), "counts": counts}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks completeness
+
+
+def _extend(vqa: list[dict], asked: list[tuple[Scene, Question]], cap: list[dict],
+            scenes: list[Scene], split: str, rng: np.random.Generator, spec: MiniWorldSpec,
+            out: Path) -> dict[str, list[dict]]:
+    """Add ``port_new`` and the locality-set fields to the rows of one split (new keys only), draw
+    the similar-image pictures; returns what those pictures show, by path.
+
+    ``rng`` is the world's second generator: nothing here may touch the main one.
+    """
+    folder = out / "images" / split / "similar"
+    folder.mkdir()
+    shown: dict[str, list[dict]] = {}
+
+    def draw(scene: Scene, slots: dict[str, str], name: str) -> tuple[str, Scene]:
+        other = similar_scene(scene, slots, rng)
+        path = f"images/{split}/similar/{name}.png"
+        _save(other, rng, spec, out / path)
+        shown[path] = [asdict(o) for o in other.objects]
+        return path, other
+
+    for n, (row, (scene, q)) in enumerate(zip(vqa, asked)):
+        if port := onehop(scene, q, row["alt"]):
+            row["port_new"] = port
+        if same := unrelated_question(scene, q.kind, q.mentions() | {row["alt"]}, rng):
+            row["loc_same_image_q"], row["loc_same_image_a"] = same.texts[0], same.answer
+        path, other = draw(scene, q.slots, f"vqa{n:05d}")
+        row["loc_similar_image"] = path
+        row["loc_similar_image_a"] = answer(other, q.kind, q.slots)  # not None: it holds the object
+    for i, (row, scene) in enumerate(zip(cap, scenes)):
+        # E-IC's edit recolours one object: the same-image question avoids that object and both
+        # colours; the similar picture holds an object of the same shape, captioned truly.
+        obj, new = caption_edit(scene, row["alt"])
+        if same := unrelated_question(scene, "caption", {obj.shape, obj.colour, new}, rng):
+            row["loc_same_image_q"], row["loc_same_image_a"] = same.texts[0], same.answer
+        path, other = draw(scene, {"shape": obj.shape}, f"cap{i:05d}")
+        row["loc_similar_image"] = path
+        row["loc_similar_image_a"] = caption(other)
+    return shown
 
 
 def _save(scene: Scene, rng: np.random.Generator, spec: MiniWorldSpec, path: Path) -> None:
