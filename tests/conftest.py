@@ -31,6 +31,20 @@ def compose_config(overrides: list[str] | None = None):
                                   *(overrides or [])])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: the models are too small to gain from
+    a second intra-op thread, and on a busy 2-core machine a second one spin-waits (one FT edit
+    then takes a minute instead of half a second). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return ROOT.parent / "shared" / "data"

@@ -206,9 +206,11 @@ class Backbone(ABC):
                 handle.remove()
         return keys
 
-    def prepare(self, prompts: Sequence[Prompt]) -> ModelBatch:
-        """``build_batch`` moved to the model's device (floating tensors in the model's dtype)."""
-        return self.build_batch(prompts).to(self.device, self.dtype)
+    def prepare(self, prompts: Sequence[Prompt], append_eos: bool = False) -> ModelBatch:
+        """``build_batch`` moved to the model's device (floating tensors in the model's dtype);
+        ``append_eos`` labels an end token after each target (an edit loss that teaches the
+        model to stop after the new answer)."""
+        return self.build_batch(prompts, append_eos=append_eos).to(self.device, self.dtype)
 
     def target_logits(self, batch: ModelBatch, logits: torch.Tensor) -> torch.Tensor:
         """Logits at every position that predicts a target token, flattened: [n_target_tokens, V]."""

@@ -18,6 +18,7 @@ from mmke.backbones.base import (Backbone, EditableModules, EncodedPrompt, Forwa
                                  ModelBatch)
 from mmke.backbones.encoding import collate_left, distinct_images, encode_pair
 from mmke.backbones.caches import PixelCache, TokenCache
+from mmke.backbones.greedy import greedy_settings
 from mmke.backbones.roles import LayerRoles
 from mmke.backbones.weights import check_weights_path
 from mmke.data.record import LazyImage, Prompt
@@ -29,14 +30,17 @@ class Blip2Backbone(Backbone):
 
     ``prompt_format`` wraps the task prompt (BLIP-2 was trained on bare prompts, so "{}").
     Layout of one image prompt: [image]*num_query_tokens, BOS, prompt, target (as the HF
-    processor builds it); text-only prompts drop the image tokens.
+    processor and LAVIS build it); text-only prompts drop the image tokens. ``bos_token=False``
+    drops the BOS, as EasyEdit's BLIP-2 forward does (``add_special_tokens=False``), which the
+    papers' numbers come from; ``conf/backbone/blip2.yaml`` sets that.
     """
 
     family = "blip2"
 
     def __init__(self, model: Blip2ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
                  image_processor: BlipImageProcessorPil, prompt_format: str = "{}",
-                 name: str = "blip2", pixel_cache_size: int = 512) -> None:
+                 name: str = "blip2", pixel_cache_size: int = 512,
+                 bos_token: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -49,7 +53,7 @@ class Blip2Backbone(Backbone):
         self.image_token_id = int(config.image_token_index)
         self.num_query_tokens = int(config.num_query_tokens)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.bos_id = tokenizer.bos_token_id
+        self.bos_id = tokenizer.bos_token_id if bos_token else None
         self.eos_id = tokenizer.eos_token_id
         self._modules = LayerRoles(model.language_model.model.decoder.layers, ffn_in="fc1",
                                    ffn_out="fc2", attention="self_attn",
@@ -117,20 +121,28 @@ class Blip2Backbone(Backbone):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 16) -> list[str]:
+        """Greedy answers, one left-padded batch, prompts encoded without their targets.
+
+        Decoding stops at the tokenizer's end token; the answer is also cut at its first line
+        break, because BLIP-2's OPT ends an answer with "\n" (LAVIS trains on ``text + "\n"``
+        and generates with "\n" as its end token)."""
         encoded = [self.encode(p, with_target=False) for p in prompts]
         batch = self.collate(encoded).to(self.device, self.dtype)
+        # with inputs_embeds only, generate returns the new tokens alone (no prompt ids to cut)
         out = self.language_model.generate(
             inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+            **greedy_settings(max_new_tokens, self.eos_id, self.pad_id))
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [t.split("\n", 1)[0].strip() for t in texts]
 
 
 def load_blip2(path: str | None, dtype: str = "float32", device: str = "auto",
                device_map: str | dict | None = None, prompt_format: str = "{}",
-               name: str = "blip2", local_files_only: bool = True) -> Blip2Backbone:
+               name: str = "blip2", local_files_only: bool = True,
+               bos_token: bool = True) -> Blip2Backbone:
     """Load BLIP-2 weights (a local folder in Hugging Face layout, or a hub id when the hub is
-    reachable and ``local_files_only`` is false) with its tokenizer and image processor."""
+    reachable and ``local_files_only`` is false) with its tokenizer and image processor.
+    ``bos_token``: whether prompts start with OPT's BOS after the query tokens (see the adapter)."""
     source = check_weights_path(path, family="BLIP-2 (e.g. Salesforce/blip2-opt-2.7b)",
                                 local_files_only=local_files_only)
     torch_dtype = resolve_dtype(dtype)
@@ -140,7 +152,8 @@ def load_blip2(path: str | None, dtype: str = "float32", device: str = "auto",
         model = model.to(resolve_device(device))
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     processor = BlipImageProcessorPil.from_pretrained(source, local_files_only=local_files_only)
-    return Blip2Backbone(model, tokenizer, processor, prompt_format=prompt_format, name=name)
+    return Blip2Backbone(model, tokenizer, processor, prompt_format=prompt_format, name=name,
+                         bos_token=bos_token)
 
 
 def save_blip2(backbone: Blip2Backbone, folder: Path) -> None:

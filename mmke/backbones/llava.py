@@ -19,6 +19,7 @@ from mmke.backbones.base import Backbone, EditableModules, EncodedPrompt, Forwar
 from mmke.backbones.caches import PixelCache, TokenCache
 from mmke.backbones.encoding import (collate_left, distinct_images, encode_pair, expand_placeholder,
                                      split_target)
+from mmke.backbones.greedy import greedy_settings
 from mmke.backbones.roles import LayerRoles
 from mmke.backbones.weights import check_weights_path
 from mmke.data.record import LazyImage, Prompt
@@ -129,12 +130,14 @@ class LlavaBackbone(Backbone):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 16) -> list[str]:
+        """Greedy answers, one left-padded batch, prompts encoded without their targets;
+        decoding stops at the tokenizer's end token (LLaVA-1.5 ends its turn with ``</s>``)."""
         encoded = [self.encode(p, with_target=False) for p in prompts]
         batch = self.collate(encoded).to(self.device, self.dtype)
+        # with inputs_embeds only, generate returns the new tokens alone (no prompt ids to cut)
         out = self.model.generate(inputs_embeds=self.embed(batch),
                                   attention_mask=batch.attention_mask,
-                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                  eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+                                  **greedy_settings(max_new_tokens, self.eos_id, self.pad_id))
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 

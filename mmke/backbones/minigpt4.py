@@ -25,6 +25,7 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 from mmke.backbones.base import Backbone, EditableModules, EncodedPrompt, ForwardOutput, ModelBatch
 from mmke.backbones.caches import PixelCache, TokenCache
 from mmke.backbones.encoding import collate_left, distinct_images, encode_pair, split_target
+from mmke.backbones.greedy import greedy_settings
 from mmke.backbones.roles import LayerRoles
 from mmke.backbones.weights import check_weights_path
 from mmke.data.record import LazyImage, Prompt
@@ -80,7 +81,7 @@ class MiniGPT4Backbone(Backbone):
                  image_processor: BlipImageProcessorPil, prompt_format: str = MINIGPT4_PROMPT,
                  text_prompt_format: str = MINIGPT4_TEXT_PROMPT,
                  assistant_marker: str = ASSISTANT_MARKER, name: str = "minigpt4",
-                 pixel_cache_size: int = 512) -> None:
+                 pixel_cache_size: int = 512, bos_token: bool = True) -> None:
         if prompt_format.count(IMAGE_HERE) != 1 or IMAGE_HERE in text_prompt_format:
             raise ValueError(f"backbone.prompt_format must contain {IMAGE_HERE} once and "
                              f"backbone.text_prompt_format none; got {prompt_format!r} and "
@@ -96,7 +97,8 @@ class MiniGPT4Backbone(Backbone):
         self.num_image_tokens = model.num_query_tokens
         self.pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.unk_token_id, 0)
                            if t is not None)
-        self.bos_id = tokenizer.bos_token_id
+        # MiniGPT-4's own code starts with Llama's BOS; EasyEdit's editing forward does not
+        self.bos_id = tokenizer.bos_token_id if bos_token else None
         self.eos_id = tokenizer.eos_token_id
         self._modules = LayerRoles(model.language_model.model.layers, ffn_in="mlp.up_proj",
                                    ffn_gate="mlp.gate_proj", ffn_out="mlp.down_proj",
@@ -159,13 +161,22 @@ class MiniGPT4Backbone(Backbone):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 16) -> list[str]:
+        """Greedy answers, one left-padded batch, prompts encoded without their targets.
+
+        Decoding stops at the tokenizer's end token; the answer is also cut where the next turn
+        begins ("###"), because MiniGPT-4's Vicuna ends its turn with the separator it was
+        trained on (its ``end_sym``), which its own chat code stops at and splits off. A prompt
+        without the assistant marker (EasyEdit's template) may be answered with the marker
+        first; it is dropped rather than read as the end of an empty answer."""
         encoded = [self.encode(p, with_target=False) for p in prompts]
         batch = self.collate(encoded).to(self.device, self.dtype)
+        # with inputs_embeds only, generate returns the new tokens alone (no prompt ids to cut)
         out = self.model.language_model.generate(
             inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+            **greedy_settings(max_new_tokens, self.eos_id, self.pad_id))
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        marker = ASSISTANT_MARKER.strip()
+        return [t.strip().removeprefix(marker).split("###", 1)[0].strip() for t in texts]
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -243,8 +254,10 @@ def load_minigpt4(blip2_path: str | None, projection_path: str | None, llama_pat
                   device_map: str | dict | None = None, prompt_format: str = MINIGPT4_PROMPT,
                   text_prompt_format: str = MINIGPT4_TEXT_PROMPT,
                   assistant_marker: str = ASSISTANT_MARKER, name: str = "minigpt4",
-                  local_files_only: bool = True) -> MiniGPT4Backbone:
-    """Assemble MiniGPT-4 from its three sources; each missing one is named in the error."""
+                  local_files_only: bool = True, bos_token: bool = True) -> MiniGPT4Backbone:
+    """Assemble MiniGPT-4 from its three sources; each missing one is named in the error.
+    The prompt defaults are MiniGPT-4's own template with BOS; ``conf/backbone/minigpt4.yaml``
+    sets EasyEdit's (no assistant marker, bare text-only prompts, no BOS)."""
     if not projection_path:
         raise WeightsNotFoundError("backbone.projection_path is not set; set it to MiniGPT-4's "
                                    "released checkpoint (e.g. pretrained_minigpt4_7b.pth)")
@@ -272,7 +285,7 @@ def load_minigpt4(blip2_path: str | None, projection_path: str | None, llama_pat
     processor = BlipImageProcessorPil.from_pretrained(blip2, local_files_only=True)
     return MiniGPT4Backbone(model, tokenizer, processor, prompt_format=prompt_format,
                             text_prompt_format=text_prompt_format,
-                            assistant_marker=assistant_marker, name=name)
+                            assistant_marker=assistant_marker, name=name, bos_token=bos_token)
 
 
 def save_minigpt4_parts(backbone: MiniGPT4Backbone, projection_file: Path, llama_folder: Path) -> None:

@@ -31,6 +31,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from mmke.backbones.base import Backbone, EditableModules, EncodedPrompt, ForwardOutput, ModelBatch
 from mmke.backbones.caches import TokenCache
 from mmke.backbones.encoding import collate_left, distinct_images, encode_pair, expand_placeholder
+from mmke.backbones.greedy import greedy_settings
 from mmke.backbones.roles import LayerRoles
 from mmke.backbones.weights import check_weights_path
 from mmke.data.record import LazyImage, Prompt
@@ -224,8 +225,8 @@ class Qwen2VLBackbone(Backbone):
             index = batch.image_index.tolist()
             inputs["pixel_values"] = torch.cat([chunks[i] for i in index])
             inputs["image_grid_thw"] = batch.image_grid_thw[index]
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                  num_beams=1, eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        out = self.model.generate(**inputs,
+                                  **greedy_settings(max_new_tokens, self.stop_ids, self.pad_id))
         new = out[:, batch.input_ids.shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
