@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel of torch; GPU users install their own torch first (pyproject takes a range).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-scale bench-families clean
+.PHONY: install demo test test-fast bench bench-scale bench-families bench-eval clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench-families: install
 ## Parallel sweeps (joblib vs basic launcher) and one run over 2 CPU processes (accelerate).
 bench-scale: install
 	$(PY) benchmarks/scale.py
+
+## Locality conventions, teacher-forced vs generated answers, and evaluation cost per mode.
+bench-eval: install
+	$(PY) benchmarks/evaluation.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -1,33 +1,59 @@
-"""Batched evaluation of edits: Reliability, T-Gen, M-Gen, T-Loc, M-Loc per record.
+"""Batched evaluation of edits: Reliability, T-Gen, M-Gen, T-Loc, M-Loc (and Port., the DE-VQA
+locality sets, and greedy generated-answer scores when asked) per record.
 
-All prompts of a group of records go through one padded forward per model state. Locality
-references (the unedited model's outputs on the locality prompts) are computed once per record,
-before any edit, and reused by every later evaluation of that record.
+All prompts of a group of records go through one padded forward per model state (and, in
+``generate``/``both`` mode, one batched greedy generation). Locality references (the unedited
+model's outputs on the locality prompts) are computed once per record, before any edit, and
+reused by every later evaluation of that record.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
 
 from mmke.backbones.base import Backbone, ForwardOutput, ModelBatch
-from mmke.data.prompts import PromptTemplates, edit_prompts
-from mmke.data.record import EditRecord
+from mmke.data.prompts import (PromptTemplates, edit_prompts, locality_set_prompts,
+                               portability_prompts)
+from mmke.data.record import EditRecord, Prompt
 from mmke.editors.base import Editor
 from mmke.evaluation import metrics
+from mmke.evaluation.answers import answer_exact, answer_f1
+from mmke.evaluation.generation import Generates, generate_answers
+from mmke.evaluation.names import (METRIC_KEYS, PORT, f1_key, greedy_key, locality_set_key)
 from mmke.evaluation.scoring import Need, PromptOutput, score_prompts
 from mmke.evaluation.spec import MetricSpec
 
-METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
-PROMPTS_PER_RECORD = len(METRICS)
+#: The five metrics every run scores, in the papers' order.
+METRICS = METRIC_KEYS
+Part = Literal["main", "port"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One scored prompt of a record: the metric it counts towards, and for locality prompts the
+    top-k size of its comparison (0 for accuracy prompts)."""
+
+    metric: str
+    prompt: Prompt
+    locality: bool = False
+    k: int = 0
 
 
 @dataclass
 class LocalityReference:
-    """The reference model's outputs on one record's two locality prompts."""
+    """The reference model's outputs on one record's locality items, in item order: teacher-forced
+    outputs, and greedy answers when generation is scored."""
 
-    t_loc: PromptOutput
-    m_loc: PromptOutput
+    outputs: list[PromptOutput] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 class Evaluator:
@@ -37,56 +63,110 @@ class Evaluator:
         self.spec = spec
         self.templates = templates
         self.forwards = 0
+        self.generations = 0
 
-    @property
-    def records_per_forward(self) -> int:
-        return max(1, self.spec.batch_size // PROMPTS_PER_RECORD)
+    def items(self, record: EditRecord, part: Part = "main") -> list[Item]:
+        """The prompts the spec scores for ``record``. ``main``: the five of MMEdit, its one-hop
+        questions (when it has any, unless ``port_edit`` scores them after a second edit) and
+        the locality sets the spec names. ``port``: the one-hop questions alone."""
+        port = [Item(PORT, p) for p in portability_prompts(record, self.templates)]
+        if part == "port":
+            return port
+        rel, t_gen, m_gen, t_loc, m_loc = edit_prompts(record, self.templates)
+        t_k, m_k = self._k(self.spec.t_loc_k), self._k(self.spec.m_loc_k)
+        items = [Item("rel", rel), Item("t_gen", t_gen), Item("m_gen", m_gen),
+                 Item("t_loc", t_loc, True, t_k), Item("m_loc", m_loc, True, m_k)]
+        items += [] if self.spec.port_edit else port
+        for name in self.spec.locality_sets:
+            for p in locality_set_prompts(record, self.templates, name):
+                items.append(Item(locality_set_key(name), p, True,
+                                  m_k if p.image is not None else t_k))
+        return items
 
-    def _needs(self) -> list[Need]:
-        kl = self.spec.locality == "kl"
-        t_k = 0 if kl else self.spec.t_loc_k
-        m_k = 0 if kl else self.spec.m_loc_k
-        return [Need(), Need(), Need(), Need(t_k, kl), Need(m_k, kl)]
+    def _k(self, k: int) -> int:
+        return 0 if self.spec.locality == "kl" else k
+
+    def _need(self, item: Item) -> Need:
+        return Need(item.k, item.locality and self.spec.locality == "kl")
 
     def _score(self, forward: Callable[[ModelBatch], ForwardOutput], backbone: Backbone,
-               prompts: list, needs: list[Need]) -> list[PromptOutput]:
-        self.forwards += 1
-        return score_prompts(forward, backbone, prompts, needs, self.spec.loc_positions)
+               items: list[Item]) -> list[PromptOutput]:
+        """Teacher-forced outputs of ``items``, ``batch_size`` prompts per forward."""
+        out: list[PromptOutput] = []
+        step = self.spec.batch_size
+        for start in range(0, len(items), step):
+            chunk = items[start:start + step]
+            self.forwards += 1
+            out += score_prompts(forward, backbone, [i.prompt for i in chunk],
+                                 [self._need(i) for i in chunk], self.spec.loc_positions)
+        return out
+
+    def _generate(self, model: Generates, prompts: list[Prompt]) -> list[str]:
+        """Greedy answers of ``model`` to ``prompts``, ``batch_size`` prompts per generation."""
+        step = self.spec.batch_size
+        self.generations += -(-len(prompts) // step)
+        return generate_answers(model, prompts, self.spec.max_new_tokens, step)
 
     def references(self, backbone: Backbone, records: Sequence[EditRecord]) -> list[LocalityReference]:
         """Locality references from ``backbone`` as it is now (call before editing)."""
-        needs = self._needs()[3:]
-        refs: list[LocalityReference] = []
-        step = max(1, self.spec.batch_size // 2)
-        for start in range(0, len(records), step):
-            chunk = records[start:start + step]
-            prompts = [p for r in chunk for p in edit_prompts(r, self.templates)[3:]]
-            out = self._score(backbone.forward, backbone, prompts, needs * len(chunk))
-            refs += [LocalityReference(out[2 * i], out[2 * i + 1]) for i in range(len(chunk))]
+        per_record = [[i for i in self.items(r) if i.locality] for r in records]
+        flat = [i for items in per_record for i in items]
+        outputs = self._score(backbone.forward, backbone, flat) if self.spec.teacher_forced else []
+        answers: list[str] = []
+        if self.spec.generated:
+            answers = self._generate(backbone, [i.prompt for i in flat])
+        refs, start = [], 0
+        for items in per_record:
+            end = start + len(items)
+            refs.append(LocalityReference(outputs[start:end], answers[start:end]))
+            start = end
         return refs
 
     def evaluate(self, editor: Editor, records: Sequence[EditRecord],
-                 refs: Sequence[LocalityReference]) -> list[dict[str, float]]:
-        """One row of metrics per record, for the model state ``editor`` holds now."""
+                 refs: Sequence[LocalityReference], part: Part = "main") -> list[dict[str, float | None]]:
+        """One row of metrics (fractions) per record, for the model state ``editor`` holds now;
+        ``part`` as in ``items``."""
         if len(refs) != len(records):
             raise ValueError("one locality reference per record is needed")
         assert editor.backbone is not None
-        rows: list[dict[str, float]] = []
-        step = self.records_per_forward
-        for start in range(0, len(records), step):
-            chunk = records[start:start + step]
-            prompts = editor.prepare_prompts(
-                [p for r in chunk for p in edit_prompts(r, self.templates)])
-            out = self._score(editor.forward, editor.backbone, prompts,
-                              self._needs() * len(chunk))
-            for i, ref in enumerate(refs[start:start + step]):
-                rows.append(self._row(out[PROMPTS_PER_RECORD * i:PROMPTS_PER_RECORD * (i + 1)], ref))
+        per_record = [self.items(r, part) for r in records]
+        flat = [i for items in per_record for i in items]
+        prompts = editor.prepare_prompts([i.prompt for i in flat])
+        prepared = [Item(i.metric, p, i.locality, i.k) for i, p in zip(flat, prompts)]
+        outputs = self._score(editor.forward, editor.backbone, prepared) if self.spec.teacher_forced else []
+        answers: list[str] = []
+        if self.spec.generated:
+            # the editor rewrites prompts itself (IKE), so it gets the unprepared ones
+            answers = self._generate(editor, [i.prompt for i in flat])
+        rows, start = [], 0
+        for items, ref in zip(per_record, refs):
+            end = start + len(items)
+            rows.append(self._row(items, outputs[start:end], answers[start:end], ref))
+            start = end
         return rows
 
-    def _row(self, out: list[PromptOutput], ref: LocalityReference) -> dict[str, float]:
-        row = {name: self._accuracy(o) for name, o in zip(METRICS[:3], out[:3])}
-        row["t_loc"] = self._locality(out[3], ref.t_loc)
-        row["m_loc"] = self._locality(out[4], ref.m_loc)
+    def _row(self, items: list[Item], outputs: list[PromptOutput], answers: list[str],
+             ref: LocalityReference) -> dict[str, float | None]:
+        scores: dict[str, list[float]] = {}
+        n_loc = 0
+        for pos, item in enumerate(items):
+            if outputs:
+                value = (self._locality(outputs[pos], ref.outputs[n_loc]) if item.locality
+                         else self._accuracy(outputs[pos]))
+                scores.setdefault(item.metric, []).append(value)
+            if answers:
+                if item.locality:
+                    same = answer_exact(answers[pos], ref.answers[n_loc])
+                    scores.setdefault(greedy_key(item.metric), []).append(same)
+                else:
+                    scores.setdefault(greedy_key(item.metric), []).append(
+                        answer_exact(answers[pos], item.prompt.target))
+                    scores.setdefault(f1_key(item.metric), []).append(
+                        answer_f1(answers[pos], item.prompt.target))
+            n_loc += item.locality
+        row: dict[str, float | None] = {k: _mean(v) for k, v in scores.items()}
+        if answers:
+            row["rel_answer"] = answers[0]  # type: ignore[assignment]  # text, for inspection
         return row
 
     def _accuracy(self, out: PromptOutput) -> float:
@@ -97,6 +177,13 @@ class Evaluator:
     def _locality(self, post: PromptOutput, ref: PromptOutput) -> float:
         if self.spec.locality == "kl":
             assert post.logprobs is not None and ref.logprobs is not None
-            return metrics.exp_neg_kl(post.logprobs, ref.logprobs)
+            return metrics.exp_neg_kl(*self._aligned(post.logprobs, ref.logprobs))
         assert post.topk is not None and ref.topk is not None
-        return metrics.topk_agreement(post.topk, ref.topk)
+        return metrics.topk_agreement(*self._aligned(post.topk, ref.topk))
+
+    def _aligned(self, post: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-sequence conventions right-align outputs of prompts that a prompt editor (IKE)
+        lengthened, as EasyEdit does; the answer-position conventions never differ in length."""
+        if self.spec.loc_positions in ("easyedit", "text"):
+            return metrics.align_right(post, ref)
+        return post, ref

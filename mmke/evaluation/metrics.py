@@ -8,6 +8,8 @@ Locality family (T-Loc, M-Loc), post-edit against a reference (the pre-edit mode
 step in an online stream), at the same positions of the same input:
 - ``topk_agreement``: MMEdit style; ordered agreement of the top-k token ids (EasyEdit: k=1 for
   text, k=10 for multimodal), averaged over positions and ranks.
+- ``align_right``: EasyEdit's alignment of pre- and post-edit outputs of different lengths (a
+  prompt editor such as IKE lengthens the post-edit prompt): both keep their last n positions.
 - ``exp_neg_kl``: M-ORE style, Eq. (4)/(17)-(18): mean over positions of exp(-KL(p_post || p_ref)).
 """
 
@@ -41,6 +43,13 @@ def topk_agreement(post_topk: torch.Tensor, ref_topk: torch.Tensor) -> float:
     if post_topk.shape != ref_topk.shape:
         raise ValueError(f"top-k shapes differ: {tuple(post_topk.shape)} vs {tuple(ref_topk.shape)}")
     return (post_topk == ref_topk).float().mean().item()
+
+
+def align_right(post: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both cut to their last ``min`` positions along dim 0, as EasyEdit compares locality outputs
+    (``post_logits[:, -base_logits.shape[1]:]`` or the reverse); a no-op for equal lengths."""
+    n = min(post.shape[0], ref.shape[0])
+    return post[post.shape[0] - n:], ref[ref.shape[0] - n:]
 
 
 def kl_divergence(post_logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

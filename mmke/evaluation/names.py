@@ -11,6 +11,26 @@ stored as such:
 - cost columns (``time_s``, ``memory_gb``, ...) read from a run summary's ``cost`` mapping.
 
 ``PAPER_COLUMNS`` gives each paper's metric columns in its printed order.
+
+Which locality convention each paper's numbers come from (``eval.loc_positions``, see
+``mmke.evaluation.spec.POSITIONS``; ``mmke.tables.papers.PAPERS`` requires it of runs):
+
+- ODEdit and ASAM computed every metric with EasyEdit: T-Loc and M-Loc are the ordered top-k
+  agreement (k=1 text, k=10 multimodal) over *every* position of the locality sequence, the
+  image-token positions included, pre and post right-aligned: ``eval=mmedit``
+  (``loc_positions=easyedit``). With BLIP-2's 32 query tokens or LLaVA's 576 patch tokens the
+  image positions dominate M-Loc, so the text-only convention (``text``) gives other numbers.
+- M-ORE's T-Loc and M-Loc are exp(-KL) of the next-token distribution after the prompt
+  (Eq. 17-18): ``eval=more`` (``loc_positions=first``). Its baseline rows were produced with
+  EasyEdit too, then scored by M-ORE's own definition.
+- MMEdit's own definition of locality (Cheng et al., 2023: is the *output* on an unrelated input
+  unchanged) is closest to ``loc_positions=target`` with k=1.
+
+Extra metrics, stored when a run asks for them: ``port`` (VLKEB portability: the one-hop
+question answered with the edit's consequence), the DE-VQA locality sets ``loc_<set>``, and the
+greedy generated-answer scores ``<metric>_greedy`` (exact match after normalisation; for
+locality: the edited model's answer equals the unedited model's) and ``<metric>_greedy_f1``
+(token F1; accuracy metrics only).
 """
 
 from __future__ import annotations
@@ -30,6 +50,45 @@ METRIC_LABELS: dict[str, str] = {
 
 #: The metrics every run stores (percent), in the papers' order.
 METRIC_KEYS: tuple[str, ...] = tuple(METRIC_LABELS)
+
+PORT = "port"
+#: The metrics scored against a gold answer (the rest compare the edited model with a reference).
+ACCURACY_METRICS: tuple[str, ...] = ("rel", "t_gen", "m_gen", PORT)
+LOCALITY_SET_LABELS: dict[str, str] = {"same_image": "Loc. same img.",
+                                       "similar_image": "Loc. similar img.",
+                                       "no_image": "Loc. no img."}
+GREEDY_SUFFIX = "_greedy"
+F1_SUFFIX = "_greedy_f1"
+
+
+def locality_set_key(name: str) -> str:
+    """The stored key of DE-VQA locality set ``name`` (``same_image`` -> ``loc_same_image``)."""
+    return f"loc_{name}"
+
+
+def greedy_key(metric: str) -> str:
+    """The key of ``metric`` scored on greedy generated answers (exact match, normalised)."""
+    return metric + GREEDY_SUFFIX
+
+
+def f1_key(metric: str) -> str:
+    """The key of the token F1 of ``metric``'s greedy generated answers."""
+    return metric + F1_SUFFIX
+
+
+def _extra_labels() -> dict[str, str]:
+    base = {**METRIC_LABELS, PORT: "Port."}
+    base.update({locality_set_key(k): v for k, v in LOCALITY_SET_LABELS.items()})
+    labels = dict(base)
+    for key, label in base.items():
+        labels[greedy_key(key)] = f"{label} (greedy)"
+        if key in ACCURACY_METRICS:  # locality compares two answers: no gold to take F1 against
+            labels[f1_key(key)] = f"{label} F1 (greedy)"
+    return labels
+
+
+#: Every stored metric key (teacher-forced, extra and greedy) and its printed label.
+ALL_METRIC_LABELS: dict[str, str] = _extra_labels()
 
 
 @dataclass(frozen=True)
@@ -60,7 +119,17 @@ DERIVED_METRICS: dict[str, DerivedMetric] = {
                          "ODEdit/ASAM 'Gen.': generality on the text rephrase (our T-Gen.)"),
     "avg": DerivedMetric("Avg.", METRIC_KEYS,
                          "M-ORE 'Avg.': mean of Rel., T-Gen., M-Gen., T-Loc., M-Loc."),
+    greedy_key("gen"): DerivedMetric("Gen. (greedy)", (greedy_key("t_gen"),),
+                                     "'Gen.' on greedy generated answers"),
+    greedy_key("avg"): DerivedMetric("Avg. (greedy)", tuple(greedy_key(k) for k in METRIC_KEYS),
+                                     "'Avg.' of the five metrics on greedy generated answers"),
 }
+
+
+def greedy_column(key: str) -> str | None:
+    """The greedy generated-answer counterpart of table column ``key`` (None if it has none)."""
+    g = greedy_key(key)
+    return g if g in ALL_METRIC_LABELS or g in DERIVED_METRICS else None
 
 
 @dataclass(frozen=True)
@@ -122,14 +191,20 @@ BACKBONE_LABELS: dict[str, str] = {"blip2": "BLIP2-OPT", "minigpt4": "MiniGPT-4"
                                    "llava": "LLaVA-v1.5", "qwen2vl": "Qwen2-VL"}
 
 #: The order columns appear in when a table mixes them.
-COLUMN_ORDER: tuple[str, ...] = ("rel", "gen", "t_gen", "m_gen", "t_loc", "m_loc", "avg",
-                                 "avg_delta", *COST_METRICS)
+_TEACHER_FORCED_ORDER = ("rel", "gen", "t_gen", "m_gen", "t_loc", "m_loc", "avg", "avg_delta",
+                         PORT, *(locality_set_key(k) for k in LOCALITY_SET_LABELS))
+COLUMN_ORDER: tuple[str, ...] = (
+    *_TEACHER_FORCED_ORDER,
+    # each greedy column (and its F1) in the place of its teacher-forced column
+    *(k for base in _TEACHER_FORCED_ORDER for k in (greedy_key(base), f1_key(base))
+      if k in ALL_METRIC_LABELS or k in DERIVED_METRICS),
+    *COST_METRICS)
 
 
 def column_label(key: str) -> str:
     """The printed label of a metric or column key (the key itself when unknown)."""
-    if key in METRIC_LABELS:
-        return METRIC_LABELS[key]
+    if key in ALL_METRIC_LABELS:
+        return ALL_METRIC_LABELS[key]
     for table in (DERIVED_METRICS, RELATIVE_METRICS, COST_METRICS):
         if key in table:
             return table[key].label

@@ -31,18 +31,25 @@ class Need:
 
 
 def compared_positions(batch: ModelBatch, row: int, mode: str) -> torch.Tensor:
-    """Positions of ``row`` whose next-token predictions a locality metric compares.
+    """Positions of ``row`` whose next-token predictions a locality metric compares
+    (``mmke.evaluation.spec.POSITIONS`` names the conventions).
 
     Chosen from the row's own content (not absolute indices), so pre- and post-edit forwards of
     the same prompt agree even when padding differs between batches.
     """
+    if mode == "easyedit":
+        # EasyEdit (multimodal_evaluate.py, vl_utils.topk_token_match) compares the logits of the
+        # whole unpadded sequence: image positions, prompt, answer and the last position.
+        return batch.attention_mask[row].bool().nonzero(as_tuple=True)[0]
+    if mode == "text":
+        text = batch.attention_mask[row].bool() & ~batch.image_token_mask[row]
+        return text.nonzero(as_tuple=True)[0]
     targets = (batch.labels[row, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)[0]
     if mode == "target":
         return targets
     if mode == "first":
         return targets[:1]
-    text = batch.attention_mask[row].bool() & ~batch.image_token_mask[row]
-    return text.nonzero(as_tuple=True)[0]
+    raise ValueError(f"unknown locality position convention {mode!r}")
 
 
 @torch.inference_mode()

@@ -34,8 +34,11 @@ class EditRow:
                "edit_s": self.outcome.seconds, "eval_s": self.eval_s,
                "peak_mem_mb": self.outcome.peak_mem_mb,  # mmke.cost.MemoryMeter, MiB
                "incremental_mem_mb": self.outcome.incremental_mem_mb}
-        for name in METRICS:
-            row[name] = None if self.metrics is None else 100.0 * self.metrics[name]
+        for name in METRICS:  # present in every row, None for a failed edit
+            row[name] = None
+        for name, value in (self.metrics or {}).items():
+            # metrics are fractions; generated answers kept for inspection are text
+            row[name] = value if value is None or isinstance(value, str) else 100.0 * value
         if self.outcome.message:
             row["message"] = self.outcome.message
         return row

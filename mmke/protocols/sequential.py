@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mmke.data.record import EditRecord
+from mmke.errors import ConfigError
 from mmke.editors.base import EditOutcome, Editor
 from mmke.evaluation.evaluator import Evaluator
 from mmke.protocols.base import EditRow, EditSink, Protocol
@@ -22,6 +23,9 @@ class Sequential(Protocol):
         if len(records) % self.T:
             raise ValueError(f"{len(records)} records do not split into streams of T={self.T}; "
                              "set n_edits to a multiple of protocol.T")
+        if evaluator.spec.port_edit:
+            raise ConfigError("eval.port_edit (VLKEB's one-hop protocol: a second edit per record "
+                             "before Port. is scored) needs protocol=single")
         refs = evaluator.references(editor.backbone, records)
         rows = []
         with self._bar(len(records), f"{editor.name}: sequential T={self.T}", progress) as bar:

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 from mmke.data.record import EditRecord
 from mmke.editors.base import Editor
-from mmke.evaluation.evaluator import Evaluator
+from mmke.data.prompts import port_edit_requests
+from mmke.evaluation.evaluator import Evaluator, LocalityReference
+from mmke.evaluation.names import PORT
 from mmke.protocols.base import EditRow, EditSink, Protocol
 
 
@@ -28,9 +30,25 @@ class SingleEdit(Protocol):
                 metrics, eval_s = None, 0.0
                 if outcome.ok:
                     (metrics,), eval_s = self._timed(lambda: evaluator.evaluate(editor, [record], [ref]))
+                    if evaluator.spec.port_edit:
+                        metrics.update(self._port_after_second_edit(editor, evaluator, record, ref))
                 editor.restore()
                 row = EditRow(start + i, record.uid, outcome, eval_s, metrics).as_dict()
                 sink(row)
                 rows.append(row)
                 bar.update()
         return rows
+
+    @staticmethod
+    def _port_after_second_edit(editor: Editor, evaluator: Evaluator, record: EditRecord,
+                                ref: LocalityReference) -> dict:
+        """VLKEB's one-hop protocol (``eval.port_edit``): the record's ``port_edit_q`` ->
+        ``port_edit_a`` edited in on top of the main edit, then Port. scored. A record without
+        one-hop questions gets no Port.; a failed second edit gets Port. None."""
+        requests = port_edit_requests(record)
+        if not requests:
+            return {}
+        if not editor.edit(requests).ok:
+            return {PORT: None}
+        (port,) = evaluator.evaluate(editor, [record], [ref], part="port")
+        return port

@@ -20,8 +20,8 @@ import warnings
 
 import pandas as pd
 
-from mmke.evaluation.names import (COST_METRICS, DERIVED_METRICS, METRIC_KEYS, PAPER_COLUMNS,
-                                   RELATIVE_METRICS, order_columns)
+from mmke.evaluation.names import (ALL_METRIC_LABELS, COST_METRICS, DERIVED_METRICS,
+                                   PAPER_COLUMNS, RELATIVE_METRICS, greedy_column, order_columns)
 from mmke.tables.errors import UnknownTableError
 from mmke.tables.matching import RowKey, backbone_family, is_tiny, norm_name, run_task
 from mmke.tables.papers import PAPERS, setting_keys
@@ -33,25 +33,44 @@ from mmke.tables.stats import Cell, mean_std, paired_difference, paired_ttest, p
 ROW_INFO: tuple[str, ...] = ("ours_backbone", "tiny", "n_runs", "seeds")
 
 
+ANSWERS = ("teacher_forced", "greedy", "both")
+
+
 def build_table(paper: str, table: str, runs: RunsLike, *, published: PublishedLike = None,
-                significance: bool | None = None) -> pd.DataFrame:
+                significance: bool | None = None, answers: str = "teacher_forced") -> pd.DataFrame:
     """Paper ``paper``'s table ``table`` with our runs beside the published numbers.
 
     ``runs``: a runs frame (``load_table_runs``/``load_summaries`` output, or hand-made with
     the same columns) or folders holding run folders. ``published``: the folder of the
     published CSVs (default ``experiments/published``), a CSV file, or a DataFrame.
     ``significance``: None tests where the paper claims significance, True every row with a
-    regularizer (alpha 0.05 unless the paper gives one), False nowhere.
+    regularizer (alpha 0.05 unless the paper gives one), False nowhere. ``answers``: the
+    teacher-forced metrics (the papers'), their greedy generated-answer counterparts
+    (``eval.mode=generate``/``both`` runs; no published value), or both side by side.
     """
     if paper not in PAPERS:
         raise UnknownTableError(f"unknown table {paper}.{table}: unknown paper {paper!r}; "
                                 f"papers: {', '.join(PAPERS)}")
-    rows = table_rows(paper, table, published)
+    rows = with_answers(table_rows(paper, table, published), answers)
     frame = as_runs(runs)
     alpha = PAPERS[paper].significance.get(table)
     if significance is not None:
         alpha = (alpha or 0.05) if significance else None
     return _assemble(paper, table, rows, frame, alpha)
+
+
+def with_answers(rows: pd.DataFrame, answers: str) -> pd.DataFrame:
+    """Published rows with each metric's greedy counterpart instead of it (``greedy``) or
+    beside it (``both``); a greedy cell has no published value."""
+    if answers not in ANSWERS:
+        raise ValueError(f"answers={answers!r} is not one of {ANSWERS}")
+    if answers == "teacher_forced":
+        return rows
+    greedy = rows[rows["metric"].map(lambda m: greedy_column(m) is not None)].copy()
+    greedy["metric"] = greedy["metric"].map(greedy_column)
+    greedy[["value", "std"]] = math.nan
+    kept = rows if answers == "both" else rows[rows["metric"].map(greedy_column).isna()]
+    return pd.concat([kept, greedy], ignore_index=True)
 
 
 def runs_table(paper: str, runs: RunsLike, metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
@@ -147,7 +166,7 @@ def _cell(paper: str, key: RowKey, metric: str, matched: pd.DataFrame,
 
 
 def _is_setting_column(paper: str, metric: str) -> bool:
-    known = (*METRIC_KEYS, *DERIVED_METRICS, *RELATIVE_METRICS, *COST_METRICS)
+    known = (*ALL_METRIC_LABELS, *DERIVED_METRICS, *RELATIVE_METRICS, *COST_METRICS)
     return metric not in known and metric in PAPERS[paper].settings
 
 

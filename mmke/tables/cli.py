@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Sequence
 
 from mmke.errors import MMKEError
-from mmke.tables.build import build_table
+from mmke.tables.build import ANSWERS, build_table
 from mmke.tables.errors import NoRunsError, UnknownTableError
 from mmke.tables.export import FORMATS, render, write_table
 from mmke.tables.figures import FIGURES, NothingToDraw, make_figure
@@ -61,6 +61,10 @@ def _table(argv: list[str]) -> int:
     parser.add_argument("--significance", choices=tuple(_SIGNIFICANCE), default="auto",
                         help="auto: t-tests where the paper claims significance; all: every "
                              "row with a regularizer; none: no tests")
+    parser.add_argument("--answers", choices=ANSWERS, default="teacher_forced",
+                        help="teacher_forced: the papers' metrics; greedy: their greedy "
+                             "generated-answer counterparts (runs with eval.mode=generate or "
+                             "both); both: side by side")
     parser.add_argument("--digits", type=int, default=2)
     args = parser.parse_args(argv)
     paper, table = _split(args.table, "table", available_tables(args.published))
@@ -72,7 +76,8 @@ def _table(argv: list[str]) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         built = build_table(paper, table, runs, published=args.published,
-                            significance=_SIGNIFICANCE[args.significance])
+                            significance=_SIGNIFICANCE[args.significance],
+                            answers=args.answers)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(render(built, args.format, args.digits), end="")

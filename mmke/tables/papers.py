@@ -62,7 +62,8 @@ PAPERS: dict[str, PaperSpec] = {
         # rephrase, all three risks.
         defaults={"variant": "full", "gen_align": "mmd", "kernel": "rbf",
                   "rephrases": "single", "lambda": "adaptive", "depth": "3"},
-        requires={"eval.locality": "topk"},
+        # computed with EasyEdit: top-k agreement over every position (mmke.evaluation.names)
+        requires={"eval.locality": "topk", "eval.loc_positions": "easyedit"},
     ),
     "asam": PaperSpec(
         name="asam",
@@ -78,7 +79,8 @@ PAPERS: dict[str, PaperSpec] = {
         },
         defaults={"eps": "1e-3", "n": "4", "tau": "4", "beta": "10",  # Table 5
                   "variants": "lar", "align": "rcsl"},
-        requires={"eval.locality": "topk"},
+        # computed with EasyEdit: top-k agreement over every position (mmke.evaluation.names)
+        requires={"eval.locality": "topk", "eval.loc_positions": "easyedit"},
     ),
     "more": PaperSpec(
         name="more",
@@ -90,7 +92,7 @@ PAPERS: dict[str, PaperSpec] = {
         },
         defaults={"variant": "full"},
         # M-ORE's locality is exp(-KL) (Eq. 17-18): `eval=more`.
-        requires={"eval.locality": "kl"},
+        requires={"eval.locality": "kl", "eval.loc_positions": "first"},
     ),
 }
 

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from mmke.evaluation.names import COST_METRICS, DERIVED_METRICS, METRIC_KEYS
+from mmke.evaluation.names import ALL_METRIC_LABELS, COST_METRICS, DERIVED_METRICS
 from mmke.results.load import PathsLike, load_runs, load_summaries
 from mmke.results.run_folder import CONFIG_FILE
 from mmke.tables.errors import NoRunsError
@@ -76,7 +76,7 @@ def config_value(run: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
 
 def run_value(run: Mapping[str, Any], metric: str) -> float:
     """One run's value of table column ``metric`` (NaN when the run does not have it)."""
-    if metric in METRIC_KEYS:
+    if metric in ALL_METRIC_LABELS:
         return _number(run.get(metric))
     if metric in DERIVED_METRICS:
         return DERIVED_METRICS[metric].value(run)

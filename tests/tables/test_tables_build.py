@@ -309,3 +309,35 @@ def test_runs_table_without_published_numbers():
     assert list(table["row_label"]) == ["ft", "ft+odedit", "none"]
     assert table.loc[0, "rel.ours"] == pytest.approx(95.0)
     assert table["rel.paper"].isna().all()
+
+
+def greedy_runs() -> list[dict]:
+    return [run_row("ft", seed, metrics={"rel": 100.0, "t_gen": 100.0, "m_gen": 100.0,
+                                         "t_loc": 90.0, "m_loc": 80.0, "rel_greedy": g,
+                                         "t_gen_greedy": g - 10, "t_loc_greedy": 70.0,
+                                         "m_loc_greedy": 60.0})
+            for seed, g in enumerate((40.0, 60.0))]
+
+
+def test_greedy_answers_stand_beside_the_teacher_forced_ones(published):
+    runs = frame(*greedy_runs())
+    both = row(build_table("odedit", "table1", runs, published=published, answers="both"),
+               "FT", backbone="blip2", task="vqa")
+    assert both["rel.ours"] == 100.0 and both["rel_greedy.ours"] == pytest.approx(50.0)
+    assert both["gen_greedy.ours"] == pytest.approx(40.0)  # Gen. on greedy answers: t_gen_greedy
+    assert both["rel.paper"] == 100.0 and math.isnan(both["rel_greedy.paper"])  # none published
+    greedy = build_table("odedit", "table1", runs, published=published, answers="greedy")
+    assert greedy.attrs["metrics"] == ["rel_greedy", "gen_greedy", "t_loc_greedy", "m_loc_greedy"]
+    assert column_label("rel_greedy") == "Rel. (greedy)"
+    with pytest.raises(ValueError, match="answers"):
+        build_table("odedit", "table1", runs, published=published, answers="sampled")
+
+
+def test_papers_need_their_locality_positions(published):
+    runs = frame(*ft_runs(config={"eval.loc_positions": "text"}))
+    with pytest.warns(UserWarning, match="eval.loc_positions=easyedit"):
+        table = build_table("odedit", "table1", runs, published=published)
+    assert row(table, "FT", backbone="blip2", task="vqa")["n_runs"] == 0
+    runs = frame(*ft_runs(config={"eval.loc_positions": "easyedit"}))
+    assert row(build_table("odedit", "table1", runs, published=published), "FT",
+               backbone="blip2", task="vqa")["n_runs"] == 3
