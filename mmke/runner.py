@@ -76,9 +76,17 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | No
     seed_everything(int(cfg.seed))  # the same random state whether loaded or reused
     evaluator = Evaluator(build(cfg.eval), source.templates)
     logger = build(cfg.logger)
+    train_split: list = []
+
+    def train_records() -> list:
+        # read once, and only when a trained editor or a regularizer draws from the train split
+        if not train_split:
+            train_split.extend(source.records("train"))
+        return train_split
+
     if editor.needs_training:
-        editor.fit(source.records("train"))
-    editor.attach(backbone, source.templates)
+        editor.fit(train_records())
+    editor.attach(backbone, source.templates, train_records=train_records)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     writer = RunWriter(run_dir, is_main=processes.is_main)  # a no-op on the other processes
@@ -109,6 +117,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | No
     summary["n_processes"] = processes.world_size
     summary["cost"]["loop_s"] = loop_s  # the edit loop alone, without building and loading
     summary[HASH_KEY] = identity  # what a resumed sweep matches finished runs by
+    if regularizer.active:  # where its samples came from (train split unless a leaky opt-in)
+        summary["regularizer"] = regularizer.summary()
     writer.finish(summary)
     processes.close()
     if not processes.is_main:

@@ -5,7 +5,8 @@ Designed for every family of editor the papers compare:
 - hook/memory editors (WISE, T-Patcher, GRACE) attach modules or hooks and detach them;
 - prompt editors (IKE) rewrite prompts through ``prepare_prompts``;
 - trained editors (MEND, SERAC) fit editor networks once on the train split in ``fit``.
-An evaluator only ever calls ``prepare_prompts`` and ``forward``, so all of these plug in alike.
+An evaluator only ever calls ``prepare_prompts``, ``forward`` and ``generate`` (generated-answer
+scoring), so all of these plug in alike.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mmke.backbones.base import Backbone, ForwardOutput, ModelBatch
 from mmke.cost import MemoryMeter
 from mmke.data.record import EditRecord, Prompt
 from mmke.data.prompts import PromptTemplates
-from mmke.regularizers.base import NoRegularizer, Regularizer
+from mmke.regularizers.base import NoRegularizer, Regularizer, TrainRecords
 
 
 @dataclass
@@ -52,14 +53,19 @@ class Editor(ABC):
         self.templates = PromptTemplates()
         self.meter: MemoryMeter | None = None
 
-    def attach(self, backbone: Backbone, templates: PromptTemplates) -> None:
-        """Bind the editor to a backbone and the task's prompt templates (called once by the runner)."""
+    def attach(self, backbone: Backbone, templates: PromptTemplates,
+               train_records: TrainRecords | None = None) -> None:
+        """Bind the editor to a backbone and the task's prompt templates (called once by the runner).
+        ``train_records``: a zero-argument callable giving the train split, for regularizers that
+        draw out-of-scope samples or neighbours from it (called only if one does)."""
         if self.regularizer.active and not self.accepts_regularizer:
             raise TypeError(
                 f"{type(self).__name__} has no loss-based optimisation, so regularizer "
                 f"{type(self.regularizer).__name__} cannot be plugged in; use reg=none")
         self.backbone = backbone
         self.templates = templates
+        if self.regularizer.active:
+            self.regularizer.attach(backbone, templates, train_records)
         self.meter = MemoryMeter(backbone.device)  # its baseline: memory before the first edit
 
     def fit(self, train_records: Sequence[EditRecord]) -> None:
@@ -94,6 +100,17 @@ class Editor(ABC):
         """The edited model's forward. Routing editors (SERAC) override it."""
         assert self.backbone is not None
         return self.backbone.forward(batch, output_hidden_states=output_hidden_states)
+
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[str]:
+        """The edited model's greedy answers to ``prompts`` (their targets are never read), for
+        generated-answer scoring. Prompts pass through ``prepare_prompts`` first, as for scoring.
+
+        Routing editors that override ``forward`` (SERAC) must override this too: the default
+        decodes with the backbone's own model, which would bypass their route and score the
+        unedited answer."""
+        if self.backbone is None:
+            raise RuntimeError("attach(backbone, templates) before generate()")
+        return self.backbone.generate(self.prepare_prompts(prompts), max_new_tokens=max_new_tokens)
 
 
 class NoEdit(Editor):

@@ -2,21 +2,102 @@
 
 ODEdit (KL locality + MMD generality + IRM-TV) and ASAM (adversarial latent variants + rank-
 constrained alignment) both need: the backbone (for extra forwards and ``inputs_embeds``), the
-request's prompts (edit, rephrase, locality), the edit forward's hidden states, and outputs of the
-model before the edit. ``begin`` receives what is fixed for the whole edit; ``loss`` is called once
-per step with that step's forward.
+edit request, the edit forward's hidden states, the editor's edit layers and trainable
+parameters, outputs of the model before the edit, and samples drawn from the train split.
+
+Lifecycle, and what each call receives:
+- ``attach(backbone, templates, train_records)`` once, from ``Editor.attach``: ``train_records``
+  is a zero-argument callable returning the train split (the runner passes a lazy one, so the
+  split is read only if a regularizer draws from it: ``needs_train_records``).
+- ``begin(requests, context)`` before the first step of each edit, model still unedited for
+  this edit. ``requests`` are ``EditRequest``s, never the scored ``EditRecord``: the edit prompt
+  and target, plus opaque fingerprints of the prompts that will be scored for the record, which
+  the train-split pool uses to refuse any sample that *is* a scored prompt (no leakage by
+  construction: a regularizer cannot read a rephrase or locality prompt of the record).
+  ``context`` says which layers the editor modifies and which parameters it trains.
+- ``loss(step)`` once per optimisation step; ``after_step()`` after the editor's optimiser step
+  (ODEdit's dual ascent); ``end()`` after the last step.
+
+Adding a regularizer to a new loss-based editor (WISE, T-Patcher, MEND, UniKE) takes: build the
+requests with ``edit_requests``, call ``begin`` with an ``EditContext``, forward with
+``output_hidden_states=regularizer.needs_hidden_states``, add ``loss(RegularizerStep(...))`` to
+the editor's loss, call ``after_step()`` after each optimiser step and ``end()`` in a finally.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from mmke.backbones.base import Backbone, ForwardOutput, ModelBatch
-from mmke.data.record import EditRecord
-from mmke.data.prompts import PromptTemplates
+from mmke.data.prompts import PromptTemplates, edit_prompts, locality_set_prompts, \
+    portability_prompts, LOCALITY_SETS
+from mmke.data.record import EditRecord, Prompt
+from mmke.errors import ConfigError, MMKEError
+
+TrainRecords = Callable[[], Sequence[EditRecord]]
+
+
+def prompt_key(prompt: Prompt) -> str:
+    """An opaque fingerprint of a prompt's input (text and picture; the target is ignored, so a
+    scored prompt with any target counts as seen)."""
+    image = str(prompt.image.path) if prompt.image is not None else ""
+    return hashlib.sha1(f"{prompt.text}\x00{image}".encode()).hexdigest()
+
+
+def scored_prompts(record: EditRecord, templates: PromptTemplates) -> list[Prompt]:
+    """Every prompt an evaluator may score for ``record`` besides the edit prompt itself: text and
+    image rephrase, text and multimodal locality, one-hop questions, and the locality sets the
+    record has fields for. Used only to fingerprint them."""
+    prompts = list(edit_prompts(record, templates)[1:]) + portability_prompts(record, templates)
+    for name in LOCALITY_SETS:
+        try:
+            prompts += locality_set_prompts(record, templates, name)
+        except MMKEError:  # the record lacks the fields of that set: nothing of it is scored
+            continue
+    return prompts
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """What an editor and its regularizer may know of one edit: the edit prompt (image, question,
+    new target), the question kind when the data has one (mini world: ``extras['kind']``), and
+    fingerprints of the record's scored prompts (not the prompts)."""
+
+    prompt: Prompt
+    task: str = "vqa"
+    kind: str = ""
+    uid: str = ""
+    scored: frozenset[str] = field(default_factory=frozenset)
+
+    def is_scored(self, prompt: Prompt) -> bool:
+        return prompt_key(prompt) in self.scored
+
+
+def edit_request(record: EditRecord, templates: PromptTemplates) -> EditRequest:
+    return EditRequest(prompt=edit_prompts(record, templates)[0], task=record.task,
+                       kind=str(record.extras.get("kind", "")), uid=record.uid,
+                       scored=frozenset(prompt_key(p) for p in scored_prompts(record, templates)))
+
+
+def edit_requests(records: Sequence[EditRecord], templates: PromptTemplates) -> list[EditRequest]:
+    return [edit_request(r, templates) for r in records]
+
+
+@dataclass
+class EditContext:
+    """What the editor tells the regularizer about itself for one edit."""
+
+    #: absolute indices of the language layers the editor modifies (ASAM reads the deepest one's
+    #: output); empty for editors that change only vision-side modules (FT-M)
+    edit_layers: list[int]
+    #: the parameters the editor trains, by name (ODEdit's λ network reads them)
+    trainable: dict[str, torch.nn.Parameter]
+    #: the editor's own edit batch (the requests' edit prompts, as the editor tokenized them)
+    batch: ModelBatch | None = None
 
 
 @dataclass
@@ -36,20 +117,51 @@ class Regularizer:
     active: bool = True
     #: hidden states the regularizer needs from the editor's forward
     needs_hidden_states: bool = False
+    #: whether ``attach`` must be given the train split (out-of-scope samples, neighbours)
+    needs_train_records: bool = False
 
     def __init__(self, name: str = "") -> None:
         self.name = name or type(self).__name__.lower()
+        self.backbone: Backbone | None = None
+        self.templates = PromptTemplates()
+        self._train_loader: TrainRecords | None = None
 
-    def begin(self, backbone: Backbone, records: Sequence[EditRecord],
-              templates: PromptTemplates) -> None:
+    def attach(self, backbone: Backbone, templates: PromptTemplates,
+               train_records: TrainRecords | None = None) -> None:
+        """Bind to the editor's backbone and the task's templates (called by ``Editor.attach``)."""
+        if self.needs_train_records and train_records is None:
+            raise ConfigError(
+                f"reg={self.name} draws out-of-scope samples and neighbours from the train split, "
+                "but the editor was attached without train records (Editor.attach(..., "
+                "train_records=lambda: source.records('train')))")
+        self.backbone = backbone
+        self.templates = templates
+        self._train_loader = train_records
+
+    def train_records(self) -> Sequence[EditRecord]:
+        if self._train_loader is None:
+            raise ConfigError(f"reg={self.name}: no train split was given at attach time")
+        return self._train_loader()
+
+    def begin(self, requests: Sequence[EditRequest], context: EditContext) -> None:
         """Called before the first step of an edit, while the model is still unedited."""
 
     def loss(self, step: RegularizerStep) -> torch.Tensor:
         """Extra loss to add to the editor's task loss at this step."""
         return step.task_loss.new_zeros(())
 
+    def after_step(self) -> None:
+        """Called after each optimiser step of the editor (dual updates, schedules)."""
+
     def end(self) -> None:
         """Called after the last step; drop references to per-edit tensors."""
+
+    def reset(self) -> None:
+        """Called by ``Editor.restore``: forget state carried across the edits of a stream."""
+
+    def summary(self) -> dict[str, float | str]:
+        """Settings worth recording in the run's summary (e.g. a leaky opt-in)."""
+        return {}
 
 
 class NoRegularizer(Regularizer):

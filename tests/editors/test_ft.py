@@ -97,3 +97,56 @@ def test_non_finite_loss_fails_the_edit_and_undoes_it(pretrained, vqa_source):
 def test_bad_hyperparameters_are_rejected():
     with pytest.raises(ValueError, match="editor.steps"):
         FineTune(steps=0)
+
+
+def _random_tiny_edit(tmp_path, append_eos: bool):
+    """One FT step on a random tiny BLIP-2; returns the backbone and the batch FT trained on."""
+    from PIL import Image
+
+    from mmke.data.prompts import PromptTemplates
+    from mmke.data.record import EditRecord, LazyImage
+    from tests.backbones.families import build
+
+    backbone = build("blip2")
+    Image.new("RGB", (48, 48), (200, 20, 20)).save(tmp_path / "im.png")
+    image = LazyImage(tmp_path / "im.png")
+    record = EditRecord(src="What colour is the square?", pred="blue", alt="red", rephrase="x",
+                        image=image, image_rephrase=image, loc="nq question: a photo of",
+                        loc_ans="green", m_loc=image, m_loc_q="What?", m_loc_a="blue")
+    seen = []
+    prepare = backbone.prepare
+
+    def spy(prompts, append_eos=False):
+        seen.append(prepare(prompts, append_eos=append_eos))
+        return seen[-1]
+
+    backbone.prepare = spy
+    editor = FineTune(steps=1, append_eos=append_eos)
+    editor.attach(backbone, PromptTemplates())
+    before = state(backbone.model)
+    assert editor.edit([record]).ok
+    editor.restore()
+    assert_bit_identical(backbone.model, before)
+    return backbone, seen[0]
+
+
+@pytest.mark.parametrize("append_eos", [False, True])
+def test_append_eos_labels_the_end_token_after_the_target(tmp_path, append_eos):
+    backbone, batch = _random_tiny_edit(tmp_path, append_eos)
+    targets = batch.target_ids().tolist()
+    assert (targets[-1] == backbone.eos_id) is append_eos
+    assert backbone.eos_id not in targets[:-1]
+
+
+@pytest.mark.parametrize("name", ["ft", "ft_l", "ft_m"])
+def test_ft_configs_train_the_target_without_an_end_token_by_default(name):
+    """EasyEdit's FT convention; editor.append_eos=true is the opt-in."""
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "editor" / f"{name}.yaml")
+    assert conf.append_eos is False
+    assert instantiate(conf).append_eos is False
+    assert instantiate(conf, append_eos=True).append_eos is True

