@@ -341,3 +341,27 @@ def test_papers_need_their_locality_positions(published):
     runs = frame(*ft_runs(config={"eval.loc_positions": "easyedit"}))
     assert row(build_table("odedit", "table1", runs, published=published), "FT",
                backbone="blip2", task="vqa")["n_runs"] == 3
+
+
+@pytest.mark.parametrize("paper", ["odedit", "asam"])
+def test_a_run_with_the_regularizers_default_config_is_the_papers_main_configuration(paper):
+    """Each setting a paper's main rows assume holds in conf/reg/<paper>.yaml, where that file
+    has the setting's key, so a default run fills the main rows."""
+    from pathlib import Path
+
+    import yaml
+
+    from mmke.tables.matching import same_value
+    from mmke.tables.papers import PAPERS, setting_keys
+
+    conf = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf" / "reg"
+                           / f"{paper}.yaml").read_text())
+    checked = 0
+    for name, wanted in PAPERS[paper].defaults.items():
+        for key in setting_keys(paper, name):
+            group, _, field = key.partition(".")
+            if group == "reg" and field in conf:
+                assert same_value(conf[field], wanted), (name, key, conf[field], wanted)
+                checked += 1
+                break
+    assert checked >= 4
