@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mmke.backbones.base import Backbone, ForwardOutput, ModelBatch
-from mmke.data.prompts import PromptTemplates, edit_prompts, locality_set_prompts, \
-    portability_prompts, LOCALITY_SETS
+from mmke.data.prompts import (LOCALITY_SETS, PromptTemplates, edit_prompts,
+                               locality_set_prompts, portability_prompts)
 from mmke.data.record import EditRecord, Prompt
 from mmke.errors import ConfigError, MMKEError
 

@@ -35,10 +35,10 @@ from mmke.errors import ConfigError
 from mmke.regularizers.base import EditContext, EditRequest, Regularizer, RegularizerStep
 from mmke.regularizers.divergence import kl_post_pre_logprobs
 from mmke.regularizers.hidden import last_prompt_positions, states_at
-from mmke.regularizers.irm_tv import AdaptiveLambda, FixedLambda, make_lambda, omega_samples, \
-    scale_logits, tv_l1_penalty
-from mmke.regularizers.mmd import DEFAULT_MULTIPLIERS, GEN_ALIGNS, generality_risk, \
-    median_bandwidths
+from mmke.regularizers.irm_tv import (AdaptiveLambda, FixedLambda, make_lambda, omega_samples,
+                                      scale_logits, tv_l1_penalty)
+from mmke.regularizers.mmd import (DEFAULT_MULTIPLIERS, GEN_ALIGNS, generality_risk,
+                                   median_bandwidths)
 from mmke.regularizers.pool import NEIGHBOUR_SOURCES, TrainPool
 
 VARIANTS = ("full", "no_rel", "no_loc", "no_gen")
