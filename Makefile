@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel of torch; GPU users install their own torch first (pyproject takes a range).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench bench-scale bench-families bench-eval clean
+.PHONY: install demo test test-fast bench bench-scale bench-families bench-eval bench-reg clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench-scale: install
 ## Locality conventions, teacher-forced vs generated answers, and evaluation cost per mode.
 bench-eval: install
 	$(PY) benchmarks/evaluation.py
+
+## ODEdit and ASAM on FT: cost against FT alone, and the metrics over 5 seeds (--ablations for Tables 3/4).
+bench-reg: install
+	$(PY) benchmarks/regularizers.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache
