@@ -32,3 +32,9 @@ class WeightsNotFoundError(MMKEError):
 
 class ConfigError(MMKEError):
     """A configuration value is invalid or a combination is not supported."""
+
+
+def check_choice(setting: str, value: object, allowed: tuple | list) -> None:
+    """Raise a ConfigError naming ``setting`` when ``value`` is not one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(f"{setting}={value!r} is not one of {tuple(allowed)}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mmke.data.prompts import LOCALITY_SETS
-from mmke.errors import ConfigError
+from mmke.errors import ConfigError, check_choice
 
 ACCURACY = ("token", "exact")
 LOCALITY = ("topk", "kl")
@@ -54,8 +54,7 @@ class MetricSpec:
                                      ("locality", self.locality, LOCALITY),
                                      ("loc_positions", self.loc_positions, POSITIONS),
                                      ("mode", self.mode, MODES)):
-            if value not in allowed:
-                raise ConfigError(f"eval.{name}={value!r} is not one of {allowed}")
+            check_choice(f"eval.{name}", value, allowed)
         if self.t_loc_k < 1 or self.m_loc_k < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("eval.t_loc_k, eval.m_loc_k, eval.batch_size and "
                               "eval.max_new_tokens must be >= 1")

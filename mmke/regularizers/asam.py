@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mmke.errors import ConfigError
+from mmke.errors import ConfigError, check_choice
 from mmke.regularizers.base import EditContext, EditRequest, Regularizer, RegularizerStep
 from mmke.regularizers.hidden import last_prompt_positions, states_at, tile_rows
 from mmke.regularizers.lar import LAR_NORMS, lar_variants
@@ -47,20 +47,16 @@ class ASAM(Regularizer):
                  norm: str = "l2_sequence", pooling: str = "last", seed: int = 0,
                  name: str = "asam") -> None:
         super().__init__(name)
-        if variants not in VARIANT_SOURCES:
-            raise ConfigError(f"reg.variants={variants!r}; expected one of {VARIANT_SOURCES}")
+        check_choice("reg.variants", variants, VARIANT_SOURCES)
         if variants == "simcse":
             raise ConfigError(
                 f"reg.variants=simcse needs the sentence encoder of the PyPI package "
                 f"'{SIMCSE_PACKAGE}' (all-MiniLM-L6-v2, standing in for SimCSE), which mmke does "
                 "not install: the wheel states no licence and pulls sentence-transformers, pandas "
                 "and matplotlib. Use reg.variants=lar or original.")
-        if align not in ALIGNS:
-            raise ConfigError(f"reg.align={align!r}; expected one of {ALIGNS}")
-        if norm not in LAR_NORMS:
-            raise ConfigError(f"reg.norm={norm!r}; expected one of {LAR_NORMS}")
-        if pooling not in ("last", "mean"):
-            raise ConfigError(f"reg.pooling={pooling!r}; expected last or mean")
+        for setting, value, allowed in (("reg.align", align, ALIGNS), ("reg.norm", norm, LAR_NORMS),
+                                        ("reg.pooling", pooling, ("last", "mean"))):
+            check_choice(setting, value, allowed)
         if not eps > 0 or n_variants < 1 or not tau > 0 or beta < 0:
             raise ConfigError("reg.eps > 0, reg.n_variants >= 1, reg.tau > 0, reg.beta >= 0")
         self.eps, self.n, self.tau, self.beta = float(eps), int(n_variants), float(tau), float(beta)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mmke.backbones.base import ModelBatch
-from mmke.errors import ConfigError
+from mmke.errors import ConfigError, check_choice
 from mmke.regularizers.base import EditContext, EditRequest, Regularizer, RegularizerStep
 from mmke.regularizers.divergence import kl_post_pre_logprobs
 from mmke.regularizers.hidden import last_prompt_positions, states_at
@@ -68,14 +68,11 @@ class ODEdit(Regularizer):
                  contrast_temperature: float = 0.1, omega_n: int = 1, omega_spread: float = 0.0,
                  seed: int = 0, name: str = "odedit") -> None:
         super().__init__(name)
-        if variant not in VARIANTS:
-            raise ConfigError(f"reg.variant={variant!r}; expected one of {', '.join(VARIANTS)}")
-        if gen_align not in GEN_ALIGNS:
-            raise ConfigError(f"reg.gen_align={gen_align!r}; expected one of {', '.join(GEN_ALIGNS)}")
-        if tv_persist not in ("stream", "edit"):
-            raise ConfigError(f"reg.tv_persist={tv_persist!r}; expected stream or edit")
-        if neighbours not in NEIGHBOUR_SOURCES:
-            raise ConfigError(f"reg.neighbours={neighbours!r}; expected one of {NEIGHBOUR_SOURCES}")
+        for setting, value, allowed in (("reg.variant", variant, VARIANTS),
+                                        ("reg.gen_align", gen_align, GEN_ALIGNS),
+                                        ("reg.tv_persist", tv_persist, ("stream", "edit")),
+                                        ("reg.neighbours", neighbours, NEIGHBOUR_SOURCES)):
+            check_choice(setting, value, allowed)
         if n_loc < 1 or n_neighbours < 1 or tv_depth < 1:
             raise ConfigError("reg.n_loc, reg.n_neighbours and reg.tv_depth must be >= 1")
         if isinstance(tv_lambda, str) and tv_lambda.strip().lower() != "adaptive":

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from mmke.data.builders import vlkeb
-from mmke.data.mmedit import IMAGE_FIELDS, REQUIRED_FIELDS, load_mmedit
+from tests.data.test_mmedit_loader import good_row
+from mmke.data.mmedit import load_mmedit
 from mmke.data.prompts import (PORTABILITY_KIND, PromptTemplates, locality_set_prompts,
                                portability_prompts)
 from mmke.errors import DataError
@@ -20,11 +21,7 @@ def vlkeb_dir() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "vlkeb"
 
 
-def row(**over: object) -> dict[str, object]:
-    r: dict[str, object] = {f: f"{f} text" for f in REQUIRED_FIELDS}
-    r.update({f: f"m.0abc/{f}.jpg" for f in IMAGE_FIELDS})
-    r.update(over)
-    return r
+row = good_row  # one valid MMEdit-schema record, fields overridable
 
 
 def write(tmp_path: Path, rows: list) -> Path:
