@@ -119,6 +119,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | No
     summary[HASH_KEY] = identity  # what a resumed sweep matches finished runs by
     if regularizer.active:  # where its samples came from (train split unless a leaky opt-in)
         summary["regularizer"] = regularizer.summary()
+    # leaky: true (and what leaked) when a setting let the edit see the record's scored prompts;
+    # the table builder keeps such runs apart from the others (mmke.tables.runs.is_leaky)
+    summary.update(regularizer.leak_summary())
     writer.finish(summary)
     processes.close()
     if not processes.is_main:
@@ -126,6 +129,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | No
     logger.log_summary(summary)
     logger.finish()
     label = f"{backbone.name} {editor.name}+{regularizer.name} {source.name} {protocol.name}"
+    if summary["leaky"]:
+        label += f" (leaky: {','.join(summary['leaked'])})"
     table = summary_table(summary, label)
     print(table.to_string(float_format=lambda v: f"{v:.2f}"))
     if summary["n_failed"]:

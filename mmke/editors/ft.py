@@ -68,8 +68,8 @@ class FineTune(Editor):
                 mods = backbone.modules
                 layers = sorted({mods.resolve_layer(i) for i in self.layers}) \
                     if set(self.roles) & PER_LAYER_ROLES else []
-                self.regularizer.begin(edit_requests(records, self.templates),
-                                       EditContext(layers, params, batch))
+                requests = edit_requests(records, self.templates, self.regularizer.reveals)
+                self.regularizer.begin(requests, EditContext(layers, params, batch))
             for step in range(self.steps):
                 out = backbone.forward(batch, output_hidden_states=self.regularizer.needs_hidden_states)
                 task_loss = backbone.nll(batch, out)

@@ -14,20 +14,25 @@ Lifecycle, and what each call receives:
   and target, plus opaque fingerprints of the prompts that will be scored for the record, which
   the train-split pool uses to refuse any sample that *is* a scored prompt (no leakage by
   construction: a regularizer cannot read a rephrase or locality prompt of the record).
+  The one exception is an explicit leaky setting (ODEdit ``neighbours=record_rephrase``,
+  ``out_of_scope=record_locality``): the regularizer's ``reveals`` names the kinds of the
+  record's scored prompts it is handed (``EditRequest.revealed``), and the runner writes
+  ``leaky: true`` and what leaked into the run's summary. Empty by default.
   ``context`` says which layers the editor modifies and which parameters it trains.
 - ``loss(step)`` once per optimisation step; ``after_step()`` after the editor's optimiser step
   (ODEdit's dual ascent); ``end()`` after the last step.
 
 Adding a regularizer to a new loss-based editor (WISE, T-Patcher, MEND, UniKE) takes: build the
-requests with ``edit_requests``, call ``begin`` with an ``EditContext``, forward with
-``output_hidden_states=regularizer.needs_hidden_states``, add ``loss(RegularizerStep(...))`` to
-the editor's loss, call ``after_step()`` after each optimiser step and ``end()`` in a finally.
+requests with ``edit_requests(records, templates, regularizer.reveals)``, call ``begin`` with an
+``EditContext``, forward with ``output_hidden_states=regularizer.needs_hidden_states``, add
+``loss(RegularizerStep(...))`` to the editor's loss, call ``after_step()`` after each optimiser
+step and ``end()`` in a finally.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +44,10 @@ from mmke.data.record import EditRecord, Prompt
 from mmke.errors import ConfigError, MMKEError
 
 TrainRecords = Callable[[], Sequence[EditRecord]]
+
+#: kinds of a record's scored prompts that a leaky setting may hand a regularizer: the text and
+#: image rephrase (T-Gen, M-Gen) and the text and multimodal locality prompts (T-Loc, M-Loc)
+REVEALABLE: tuple[str, ...] = ("t_gen", "m_gen", "t_loc", "m_loc")
 
 
 def prompt_key(prompt: Prompt) -> str:
@@ -65,26 +74,50 @@ def scored_prompts(record: EditRecord, templates: PromptTemplates) -> list[Promp
 class EditRequest:
     """What an editor and its regularizer may know of one edit: the edit prompt (image, question,
     new target), the question kind when the data has one (mini world: ``extras['kind']``), and
-    fingerprints of the record's scored prompts (not the prompts)."""
+    fingerprints of the record's scored prompts (not the prompts). ``revealed`` is empty unless
+    the regularizer opted into a leaky setting: then it holds those of the record's scored
+    prompts whose kinds the regularizer's ``reveals`` names."""
 
     prompt: Prompt
     task: str = "vqa"
     kind: str = ""
     uid: str = ""
     scored: frozenset[str] = field(default_factory=frozenset)
+    revealed: tuple[Prompt, ...] = ()
 
     def is_scored(self, prompt: Prompt) -> bool:
         return prompt_key(prompt) in self.scored
 
+    def revealed_of(self, kinds: Sequence[str]) -> list[Prompt]:
+        """The revealed prompts of ``kinds``, in that order; ``ConfigError`` when one is missing
+        (an editor that built its requests without the regularizer's ``reveals``)."""
+        by_kind = {p.kind: p for p in self.revealed}
+        missing = [k for k in kinds if k not in by_kind]
+        if missing:
+            raise ConfigError(
+                f"a leaky regularizer setting needs the record's {', '.join(missing)} prompt(s), "
+                "but the edit request does not carry them: the editor must build its requests "
+                "with edit_requests(records, templates, regularizer.reveals)")
+        return [by_kind[k] for k in kinds]
 
-def edit_request(record: EditRecord, templates: PromptTemplates) -> EditRequest:
-    return EditRequest(prompt=edit_prompts(record, templates)[0], task=record.task,
+
+def edit_request(record: EditRecord, templates: PromptTemplates,
+                 reveal: Collection[str] = frozenset()) -> EditRequest:
+    """The request for ``record``; ``reveal``: kinds of its scored prompts to hand over (a leaky
+    opt-in, see ``REVEALABLE``), none by default."""
+    unknown = sorted(set(reveal) - set(REVEALABLE))
+    if unknown:
+        raise ValueError(f"cannot reveal {unknown}: only {REVEALABLE}")
+    prompts = edit_prompts(record, templates)
+    return EditRequest(prompt=prompts[0], task=record.task,
                        kind=str(record.extras.get("kind", "")), uid=record.uid,
-                       scored=frozenset(prompt_key(p) for p in scored_prompts(record, templates)))
+                       scored=frozenset(prompt_key(p) for p in scored_prompts(record, templates)),
+                       revealed=tuple(p for p in prompts[1:] if p.kind in reveal))
 
 
-def edit_requests(records: Sequence[EditRecord], templates: PromptTemplates) -> list[EditRequest]:
-    return [edit_request(r, templates) for r in records]
+def edit_requests(records: Sequence[EditRecord], templates: PromptTemplates,
+                  reveal: Collection[str] = frozenset()) -> list[EditRequest]:
+    return [edit_request(r, templates, reveal) for r in records]
 
 
 @dataclass
@@ -119,6 +152,9 @@ class Regularizer:
     needs_hidden_states: bool = False
     #: whether ``attach`` must be given the train split (out-of-scope samples, neighbours)
     needs_train_records: bool = False
+    #: kinds (``REVEALABLE``) of the record's scored prompts this regularizer reads: empty but
+    #: for a leaky opt-in, which the run's summary then flags (``leak_summary``)
+    reveals: frozenset[str] = frozenset()
 
     def __init__(self, name: str = "") -> None:
         self.name = name or type(self).__name__.lower()
@@ -162,6 +198,13 @@ class Regularizer:
     def summary(self) -> dict[str, float | str]:
         """Settings worth recording in the run's summary (e.g. a leaky opt-in)."""
         return {}
+
+    def leak_summary(self) -> dict[str, bool | list[str]]:
+        """The run summary's flag: ``leaky`` always, ``leaked`` (the kinds of the record's
+        scored prompts the edit saw) when leaky; the table builder reads both."""
+        if not self.reveals:
+            return {"leaky": False}
+        return {"leaky": True, "leaked": [k for k in REVEALABLE if k in self.reveals]}
 
 
 class NoRegularizer(Regularizer):

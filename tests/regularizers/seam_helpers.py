@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 
+from mmke.data.record import Prompt
 from mmke.editors.ft import FineTune
 from mmke.evaluation.evaluator import Evaluator
 from mmke.evaluation.spec import MetricSpec
@@ -73,39 +75,98 @@ def nan_term_fails_the_edit(backbone, source, make_reg, monkeypatch, target: str
     editor.restore()
 
 
-def no_scored_prompt_reaches_the_edit(backbone, source, make_reg, monkeypatch) -> int:
-    """Record every prompt tokenized while editing; none may be a prompt the evaluator scores for
-    the record (other than the edit prompt itself, which FT trains on). Returns how many
-    prompts the regularizer added, so a test can check it drew any."""
-    seen: list = []
-    real = type(backbone).encode
+@dataclass
+class EditSeen:
+    """What one edit of ``record`` showed the model and the regularizer."""
 
-    def spy(self, prompt, *args, **kwargs):
-        seen.append(prompt)
-        return real(self, prompt, *args, **kwargs)
+    record: object
+    requests: list          # the EditRequests the regularizer's begin() received
+    encoded: list           # every prompt tokenized while editing (editor and regularizer)
+    scored: list            # every prompt the evaluator scores for the record but Rel's
+    rel: object             # the edit prompt itself (FT trains on it)
 
-    monkeypatch.setattr(type(backbone), "encode", spy)
+
+def what_the_edit_sees(backbone, source, make_reg, monkeypatch,
+                       n_records: int = 10) -> list[EditSeen]:
+    """Edit ``n_records`` eval records one by one with FT + ``make_reg()``, recording every prompt
+    the backbone tokenizes (``encode``) and the requests handed to the regularizer's ``begin``."""
+    encoded: list = []
+    requests: list = []
+    real_encode = type(backbone).encode
+
+    def spy_encode(self, prompt, *args, **kwargs):
+        encoded.append(prompt)
+        return real_encode(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(type(backbone), "encode", spy_encode)
+    regularizer = make_reg()
+    real_begin = regularizer.begin
+
+    def spy_begin(reqs, context):
+        requests.extend(reqs)
+        return real_begin(reqs, context)
+
+    monkeypatch.setattr(regularizer, "begin", spy_begin)
     evaluator = Evaluator(MetricSpec(), source.templates)
-    editor = make_ft(backbone, source, make_reg(), steps=2)
-    extra = 0
-    for record in source.records("eval", limit=10):
-        seen.clear()
-        editor.edit([record])
+    editor = make_ft(backbone, source, regularizer, steps=2)
+    seen = []
+    for record in source.records("eval", limit=n_records):
+        encoded.clear()
+        requests.clear()
+        assert editor.edit([record]).ok
         editor.restore()
         items = evaluator.items(record)
-        rel = next(i.prompt for i in items if i.metric == "rel")
-        scored = {prompt_key(i.prompt) for i in items if i.metric != "rel"}
-        leaked = [p for p in seen if prompt_key(p) in scored]
-        assert leaked == [], f"scored prompts reached the edit of {record.uid}: {leaked}"
-        extra += sum(prompt_key(p) != prompt_key(rel) for p in seen)
+        seen.append(EditSeen(record, list(requests), list(encoded),
+                             [i.prompt for i in items if i.metric != "rel"],
+                             next(i.prompt for i in items if i.metric == "rel")))
+    return seen
+
+
+def no_scored_prompt_reaches_the_edit(backbone, source, make_reg, monkeypatch) -> int:
+    """No prompt the evaluator scores for a record (other than the edit prompt itself, which FT
+    trains on) reaches its edit: not as a prompt the backbone tokenizes (text and picture), not
+    as a picture only (its image rephrase or a locality picture under any question), and not
+    inside the edit requests the regularizer receives (they carry the edit prompt alone).
+    Returns how many prompts the regularizer added, so a test can check it drew any."""
+    extra = 0
+    for edit in what_the_edit_sees(backbone, source, make_reg, monkeypatch):
+        uid = edit.record.uid
+        scored = {prompt_key(p) for p in edit.scored}
+        leaked = [p for p in edit.encoded if prompt_key(p) in scored]
+        assert leaked == [], f"scored prompts reached the edit of {uid}: {leaked}"
+        pictures = {_path(p) for p in edit.scored} - {_path(edit.rel), None}
+        shown = [p for p in edit.encoded if _path(p) in pictures]
+        assert shown == [], f"pictures of scored prompts reached the edit of {uid}: {shown}"
+        assert edit.requests, "the regularizer's begin() was never called"
+        for request in edit.requests:
+            assert prompt_key(request.prompt) == prompt_key(edit.rel)
+            assert request.revealed == (), f"request of {uid} reveals {request.revealed}"
+            carried = [v for f in fields(request) if f.name != "prompt"
+                       for v in _prompts_in(getattr(request, f.name))]
+            assert carried == [], f"the request of {uid} carries prompts: {carried}"
+        extra += sum(prompt_key(p) != prompt_key(edit.rel) for p in edit.encoded)
     return extra
 
 
-def runs_from_the_config(reg: str, tmp_path) -> dict:
-    """``python run.py reg=<reg>`` on the pretrained tiny BLIP-2, two edits, through ``run``."""
+def _path(prompt) -> str | None:
+    return None if prompt.image is None else str(prompt.image.path)
+
+
+def _prompts_in(value) -> list[Prompt]:
+    if isinstance(value, Prompt):
+        return [value]
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return [p for v in value for p in _prompts_in(v)]
+    return []
+
+
+def runs_from_the_config(reg: str, tmp_path, overrides: tuple[str, ...] = ()) -> dict:
+    """``python run.py reg=<reg> <overrides>`` on the pretrained tiny BLIP-2, two edits,
+    through ``run``."""
     from mmke.runner import run
     from tests.conftest import compose_config
-    cfg = compose_config([f"reg={reg}", "n_edits=2", "cpu_threads=1", "logger=none"])
+    cfg = compose_config([f"reg={reg}", "n_edits=2", "cpu_threads=1", "logger=none",
+                          *overrides])
     summary = run(cfg, run_dir=tmp_path / "run")
     assert summary["n_edits"] == 2 and summary["n_failed"] == 0
     assert summary["rel"] >= 50.0  # the regularized edit still flips the answer

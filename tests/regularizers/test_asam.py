@@ -64,4 +64,5 @@ def test_bad_settings_are_refused(bad):
 
 
 def test_reg_asam_runs_from_the_config(pretrained, tmp_path):
-    seam.runs_from_the_config("asam", tmp_path)
+    summary = seam.runs_from_the_config("asam", tmp_path)
+    assert summary["leaky"] is False and "leaked" not in summary

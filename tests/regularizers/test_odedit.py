@@ -67,3 +67,4 @@ def test_bad_settings_are_refused(bad):
 def test_reg_odedit_runs_from_the_config(pretrained, tmp_path):
     summary = seam.runs_from_the_config("odedit", tmp_path)
     assert summary["regularizer"]["out_of_scope"] == "train"
+    assert summary["leaky"] is False and "leaked" not in summary
