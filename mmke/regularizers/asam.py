@@ -15,6 +15,16 @@ request"; per-step regeneration would double the extra forwards). Edit layer: th
 the editor modifies (the feature extractor is "the edit layer L and the early layers", so every
 edited layer is inside it); an editor of vision-side modules only (FT-M) has no language edit
 layer, and the last layer's output is used.
+
+No leaky setting, unlike ODEdit: ASAM's text gives no reading in which the regularizer uses the
+evaluated record's rephrase or locality prompts. Its variants are "generated" in the latent
+space "without relying on external supervision" (§4.1); App. A.2 lists the benchmark's
+"semantically rephrased variants to evaluate the effect of ASAM" (scored, not trained on) and
+"out-of-scope samples to ensure locality preservation", which Eq. 12 leaves to the base
+editor ("Reliability and locality losses L_rel and L_loc follow standard knowledge editing
+formulations"), not to ASAM's β·L_align. Table 4's SimCSE row "retriev[es] semantically similar
+rephrases using sentence embedding similarity", a search over a corpus (here the train split),
+not the record's own rephrase. So every edit request reaches ASAM without revealed prompts.
 """
 
 from __future__ import annotations

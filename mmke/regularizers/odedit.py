@@ -20,6 +20,31 @@ out-of-scope samples and in-scope neighbours (both from the train split, ``Train
 The regularizer returns G − task_loss, so the editor's loss task_loss + (G − task_loss) is G.
 ``variant=no_rel`` drops R_rel from G, which removes the edit NLL altogether (ODEdit Table 3's
 "w/o R_rel" row has Rel 0: the paper drops it from the whole objective).
+
+Leaky opt-ins (never the default). The paper's text can be read as taking R_gen's neighbours
+and R_loc's out-of-scope samples from the edited record itself:
+
+- §4.2 (R_gen, Eq. 6): "For each edited instance (m_e, x_e), we utilize its rephrase
+  counterparts (m_r, x_r) from the benchmark training datasets."
+- §4.1: "the training and testing prompts D_test are composed of in-distribution data D_in,
+  semantic-neighboring data D_se, and out-of-distribution data D_out".
+- App. D.2: "The MMEdit benchmark that we use explicitly provides data structured as triplets
+  for each edit instance in the training datasets, i.e., the original edit sample (our D_IN),
+  semantically rephrase samples (our D_SE), and unrelated samples (our D_out)", its example
+  listing the record's rephrase, image rephrase, loc and m_loc.
+
+"its rephrase counterparts" reads as the record's own rephrase; "from the benchmark training
+datasets" as the train split, which is the default here. App. A.3 says nothing of where the
+samples come from (only that E_ω is a Monte Carlo average). On an evaluated record the own
+prompts are exactly what T-Gen/M-Gen and T-Loc/M-Loc then score, so these settings are offered
+only to reproduce that reading, and a run using them is flagged ``leaky`` (``leak_summary``):
+
+- ``neighbours=record_rephrase``: R_gen's neighbours are the record's text rephrase on its
+  picture (T-Gen's prompt), then the edit question on its image rephrase (M-Gen's prompt). MMEdit
+  has one of each and no prompt with both rephrased, so the pair (m_r, x_r) is read as these
+  two; the "-s" alignments (one rephrase prompt, Table 4) take the first, the others both.
+- ``out_of_scope=record_locality``: R_loc's samples are the record's own text and multimodal
+  locality prompts (D.2's "unrelated samples" of the same instance).
 """
 
 from __future__ import annotations
@@ -31,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from mmke.backbones.base import ModelBatch
+from mmke.data.record import Prompt
 from mmke.errors import ConfigError, check_choice
 from mmke.regularizers.base import EditContext, EditRequest, Regularizer, RegularizerStep
 from mmke.regularizers.divergence import kl_post_pre_logprobs
@@ -42,6 +68,13 @@ from mmke.regularizers.mmd import (DEFAULT_MULTIPLIERS, GEN_ALIGNS, generality_r
 from mmke.regularizers.pool import NEIGHBOUR_SOURCES, TrainPool
 
 VARIANTS = ("full", "no_rel", "no_loc", "no_gen")
+#: R_gen's neighbours: the train pool's sources, or the record's own rephrases (leaky)
+NEIGHBOURS: tuple[str, ...] = (*NEIGHBOUR_SOURCES, "record_rephrase")
+#: R_loc's out-of-scope samples: the train split, or the record's own locality prompts (leaky)
+OUT_OF_SCOPE: tuple[str, ...] = ("train", "record_locality")
+#: the record's scored prompts each leaky setting reads, in the order they are used
+RECORD_REPHRASES: tuple[str, ...] = ("t_gen", "m_gen")
+RECORD_LOCALITY: tuple[str, ...] = ("t_loc", "m_loc")
 
 
 class ODEdit(Regularizer):
@@ -53,7 +86,8 @@ class ODEdit(Regularizer):
     tv_sketch_dim: the λ network (Figure 4). tv_persist: "stream" keeps the λ network and its
     Adam state across the edits of a sequential stream (reset by ``restore``), "edit" restarts
     it per edit. n_loc: out-of-scope samples per edit. neighbours: "paraphrase" | "same_kind"
-    (``TrainPool.neighbours``). omega_n/omega_spread: E_ω's Monte Carlo points (1, 0: ω = 1).
+    (``TrainPool.neighbours``) | "record_rephrase" (leaky). out_of_scope: "train" |
+    "record_locality" (leaky). omega_n/omega_spread: E_ω's Monte Carlo points (1, 0: ω = 1).
     """
 
     needs_hidden_states = True
@@ -64,6 +98,7 @@ class ODEdit(Regularizer):
                  tv_depth: int = 3, tv_width: int = 64, tv_sketch_dim: int = 256,
                  tv_persist: Literal["stream", "edit"] = "stream", n_loc: int = 4,
                  n_neighbours: int = 4, neighbours: str = "paraphrase",
+                 out_of_scope: str = "train",
                  kernel_multipliers: Sequence[float] = DEFAULT_MULTIPLIERS,
                  contrast_temperature: float = 0.1, omega_n: int = 1, omega_spread: float = 0.0,
                  seed: int = 0, name: str = "odedit") -> None:
@@ -71,7 +106,8 @@ class ODEdit(Regularizer):
         for setting, value, allowed in (("reg.variant", variant, VARIANTS),
                                         ("reg.gen_align", gen_align, GEN_ALIGNS),
                                         ("reg.tv_persist", tv_persist, ("stream", "edit")),
-                                        ("reg.neighbours", neighbours, NEIGHBOUR_SOURCES)):
+                                        ("reg.neighbours", neighbours, NEIGHBOURS),
+                                        ("reg.out_of_scope", out_of_scope, OUT_OF_SCOPE)):
             check_choice(setting, value, allowed)
         if n_loc < 1 or n_neighbours < 1 or tv_depth < 1:
             raise ConfigError("reg.n_loc, reg.n_neighbours and reg.tv_depth must be >= 1")
@@ -85,6 +121,9 @@ class ODEdit(Regularizer):
         self.tv_depth, self.tv_width, self.tv_sketch_dim = tv_depth, tv_width, tv_sketch_dim
         self.tv_persist = tv_persist
         self.n_loc, self.n_neighbours, self.neighbour_source = n_loc, n_neighbours, neighbours
+        self.out_of_scope_source = out_of_scope
+        # what the edit requests must carry: nothing unless a leaky setting is in use
+        self.reveals = frozenset(self._record_gen_kinds() + self._record_loc_kinds())
         self.multipliers = tuple(float(m) for m in kernel_multipliers)
         self.temperature = contrast_temperature
         self.omegas = omega_samples(omega_n, omega_spread,
@@ -106,9 +145,45 @@ class ODEdit(Regularizer):
         return {"rel": self.variant != "no_rel", "loc": self.variant != "no_loc",
                 "gen": self.variant != "no_gen"}
 
+    @property
+    def n_gen(self) -> int:
+        """Neighbours per edit: one for the "-s" alignments (a single rephrase prompt)."""
+        return 1 if self.gen_align.startswith("mmd_s") else self.n_neighbours
+
+    @property
+    def wants_out_of_scope(self) -> bool:
+        # contrast pushes away from the out-of-scope states, so it needs them even without R_loc
+        return self.uses["loc"] or (self.uses["gen"] and self.gen_align == "contrast")
+
+    def _record_gen_kinds(self) -> tuple[str, ...]:
+        """The record's prompts R_gen reads under neighbours=record_rephrase (else none)."""
+        if self.neighbour_source != "record_rephrase" or not self.uses["gen"]:
+            return ()
+        return RECORD_REPHRASES[: self.n_gen]
+
+    def _record_loc_kinds(self) -> tuple[str, ...]:
+        """The record's prompts R_loc reads under out_of_scope=record_locality (else none)."""
+        if self.out_of_scope_source != "record_locality" or not self.wants_out_of_scope:
+            return ()
+        return RECORD_LOCALITY[: self.n_loc]
+
+    def _neighbours(self, request: EditRequest) -> list[Prompt]:
+        kinds = self._record_gen_kinds()
+        if kinds:
+            return request.revealed_of(kinds)
+        assert self.pool is not None
+        return self.pool.neighbours(request, self.n_gen, self.neighbour_source)
+
+    def _out_of_scope(self, request: EditRequest) -> list[Prompt]:
+        kinds = self._record_loc_kinds()
+        if kinds:
+            return request.revealed_of(kinds)
+        assert self.pool is not None
+        return self.pool.out_of_scope(request, self.n_loc)
+
     def begin(self, requests: Sequence[EditRequest], context: EditContext) -> None:
-        backbone, pool = self.backbone, self.pool
-        assert backbone is not None and pool is not None and context.batch is not None
+        backbone = self.backbone
+        assert backbone is not None and context.batch is not None
         if not context.trainable:
             raise ConfigError("reg=odedit needs an editor with trainable parameters")
         if self.lam is None or self.tv_persist == "edit":
@@ -116,13 +191,9 @@ class ODEdit(Regularizer):
                                    width=self.tv_width, depth=self.tv_depth, lr=self.tv_lr,
                                    seed=self.seed, device=backbone.device)
         uses = self.uses
-        n_gen = 1 if self.gen_align.startswith("mmd_s") else self.n_neighbours
-        neighbours = [p for r in requests for p in pool.neighbours(r, n_gen, self.neighbour_source)] \
-            if uses["gen"] else []
-        # contrast pushes away from the out-of-scope states, so it needs them even without R_loc
-        want_loc = uses["loc"] or (uses["gen"] and self.gen_align == "contrast")
-        out_of_scope = [p for r in requests for p in pool.out_of_scope(r, self.n_loc)] \
-            if want_loc else []
+        neighbours = [p for r in requests for p in self._neighbours(r)] if uses["gen"] else []
+        out_of_scope = [p for r in requests for p in self._out_of_scope(r)] \
+            if self.wants_out_of_scope else []
         if uses["gen"] and not neighbours:
             raise ConfigError("reg=odedit: the train split has no neighbour for this edit")
         prompts = neighbours + out_of_scope
@@ -207,8 +278,24 @@ class ODEdit(Regularizer):
         self.lam = None  # the next stream starts with a fresh λ network (same seed)
 
     def summary(self) -> dict[str, float | str]:
-        return {"neighbours": f"train:{self.neighbour_source}", "out_of_scope": "train",
-                "tv_persist": self.tv_persist}
+        """Where R_gen's neighbours and R_loc's samples came from ("train:<source>" / "train",
+        or "record:<kinds>" under a leaky setting, "unused" when that setting's term is off),
+        and ``leaked``: the record's scored prompts the edit saw, when any."""
+        gen, loc = self._record_gen_kinds(), self._record_loc_kinds()
+        out: dict[str, float | str] = {
+            "neighbours": _source(gen, self.neighbour_source == "record_rephrase",
+                                  f"train:{self.neighbour_source}"),
+            "out_of_scope": _source(loc, self.out_of_scope_source == "record_locality", "train"),
+            "tv_persist": self.tv_persist}
+        if gen or loc:
+            out["leaked"] = ",".join(gen + loc)
+        return out
+
+
+def _source(kinds: tuple[str, ...], leaky_setting: bool, train: str) -> str:
+    if kinds:
+        return "record:" + ",".join(kinds)
+    return "unused" if leaky_setting else train
 
 
 def _rows(batch: ModelBatch, start: int, stop: int) -> ModelBatch:
