@@ -10,6 +10,13 @@ group of columns per metric. For metric ``m`` the columns are
 
 Missing cells stay NaN (shown as "–"), never 0. Each row also says which of our backbones the
 numbers came from (``ours_backbone``) and whether that was a tiny model (``tiny``).
+
+Leaky runs (their summary says ``leaky: true``: a setting let the edits see the evaluated
+record's own rephrase or locality prompts, e.g. ODEdit ``neighbours=record_rephrase``) never
+pool with the other runs of a row: the published row takes the clean runs only, and each
+distinct set of leaked prompts gets a row of its own right after it, labelled
+"<label> (leaky: <what leaked>)" with ``leaked`` filled in, the paper's numbers repeated beside
+it, and a warning.
 """
 
 from __future__ import annotations
@@ -26,11 +33,16 @@ from mmke.tables.errors import UnknownTableError
 from mmke.tables.matching import RowKey, backbone_family, is_tiny, norm_name, run_task
 from mmke.tables.papers import PAPERS, setting_keys
 from mmke.tables.published import ROW_KEYS, PublishedLike, table_rows
-from mmke.tables.runs import RunsLike, as_runs, config_value
+from mmke.tables.runs import RunsLike, as_runs, config_value, leaked_text
 from mmke.tables.stats import Cell, mean_std, paired_difference, paired_ttest, per_seed
 
-#: Per-row columns after the ROW_KEYS.
-ROW_INFO: tuple[str, ...] = ("ours_backbone", "tiny", "n_runs", "seeds")
+#: Per-row columns after the ROW_KEYS (``leaked``: what a leaky row's runs saw, else "").
+ROW_INFO: tuple[str, ...] = ("ours_backbone", "tiny", "n_runs", "seeds", "leaked")
+
+
+def leaky_label(label: str, leaked: str) -> str:
+    """The row label of leaky runs: ``FT+ODEdit`` -> ``FT+ODEdit (leaky: t_gen)``."""
+    return f"{label} (leaky: {leaked})"
 
 
 ANSWERS = ("teacher_forced", "greedy", "both")
@@ -91,7 +103,7 @@ def runs_table(paper: str, runs: RunsLike, metrics: tuple[str, ...] | None = Non
                     value=math.nan, std=math.nan, note="")
                for k, label in keys.items() for m in metrics]
     rows = pd.DataFrame(records, columns=["table", *ROW_KEYS, "metric", "value", "std", "note"])
-    return _assemble(paper, "ours", rows, frame, None)
+    return _assemble(paper, "ours", rows, frame, None)  # leaky runs get "(leaky: ...)" rows
 
 
 def _assemble(paper: str, table: str, rows: pd.DataFrame, frame: pd.DataFrame,
@@ -105,28 +117,56 @@ def _assemble(paper: str, table: str, rows: pd.DataFrame, frame: pd.DataFrame,
         fields = dict(zip(ROW_KEYS, row_id))
         key = RowKey.from_row(paper, fields)
         matched = key.select(frame)
-        _warn_pooled(paper, table, fields["row_label"], matched, setting_names)
         if matched.empty and not key.select(frame, with_requires=False).empty:
             warnings.warn(f"{paper}.{table} row {fields['row_label']!r}: runs with other metric "
                           f"definitions left out (the paper needs {_requires_text(paper)})",
                           stacklevel=3)
-        record = {**fields, **_row_info(matched)}
-        for metric in metrics:
-            value, std = published.get((row_id, metric), (math.nan, math.nan))
-            cell = _cell(paper, key, metric, matched, frame)
-            record.update({f"{metric}.paper": value, f"{metric}.paper_std": std,
-                           f"{metric}.ours": cell.mean, f"{metric}.ours_std": cell.std,
-                           f"{metric}.n": cell.n})
-            if alpha:
-                record[f"{metric}.p"] = _p_value(key, metric, matched, frame)
-        records.append(record)
+        # the published row takes the clean runs; each set of leaked prompts a row of its own
+        for leaked, runs in _by_leak(matched, keep_clean=table != "ours"):
+            shown = dict(fields)
+            if leaked:
+                shown["row_label"] = leaky_label(fields["row_label"], leaked)
+                warnings.warn(f"{paper}.{table} row {fields['row_label']!r}: {len(runs)} leaky "
+                              f"run(s) (their edits saw the evaluated record's {leaked}) shown "
+                              f"apart as {shown['row_label']!r}, not pooled with the others",
+                              stacklevel=3)
+            _warn_pooled(paper, table, shown["row_label"], runs, setting_names)
+            record = {**shown, **_row_info(runs), "leaked": leaked}
+            for metric in metrics:
+                value, std = published.get((row_id, metric), (math.nan, math.nan))
+                cell = _cell(paper, key, metric, runs, frame, leaked)
+                record.update({f"{metric}.paper": value, f"{metric}.paper_std": std,
+                               f"{metric}.ours": cell.mean, f"{metric}.ours_std": cell.std,
+                               f"{metric}.n": cell.n})
+                if alpha:
+                    record[f"{metric}.p"] = _p_value(key, metric, runs, frame)
+            records.append(record)
     fields_per_metric = ("paper", "paper_std", "ours", "ours_std", "n") + (("p",) if alpha else ())
     columns = [*ROW_KEYS, *ROW_INFO, *(f"{m}.{f}" for m in metrics for f in fields_per_metric)]
     out = pd.DataFrame(records, columns=columns)
     out["T"] = out["T"].astype("Int64")
     out.attrs.update(paper=paper, table=table, metrics=metrics, alpha=alpha,
-                     tiny=any(r["tiny"] is True for r in records))
+                     tiny=any(r["tiny"] is True for r in records),
+                     leaky=any(r["leaked"] for r in records))
     return out
+
+
+def _by_leak(matched: pd.DataFrame, keep_clean: bool = True) -> list[tuple[str, pd.DataFrame]]:
+    """``matched`` split by what its runs leaked: the clean runs first, then one group per
+    distinct leaked set in first-seen order. The clean group is there even when empty if
+    ``keep_clean`` (a published row stays) or when nothing leaked (a row with no runs yet)."""
+    leaked = pd.Series([leaked_text(run) for _, run in matched.iterrows()], index=matched.index,
+                       dtype=object)
+    clean = matched[leaked == ""]
+    leaky = [(text, matched[leaked == text]) for text in dict.fromkeys(leaked) if text]
+    return ([("", clean)] if keep_clean or not clean.empty or not leaky else []) + leaky
+
+
+def _same_leak(runs: pd.DataFrame, leaked: str) -> pd.DataFrame:
+    """The runs of ``runs`` that leaked exactly ``leaked`` ("" = the clean ones)."""
+    if runs.empty:
+        return runs
+    return runs[[leaked_text(run) == leaked for _, run in runs.iterrows()]]
 
 
 def _row_id(row: pd.Series) -> tuple:
@@ -136,6 +176,7 @@ def _row_id(row: pd.Series) -> tuple:
 
 
 def _row_info(matched: pd.DataFrame) -> dict:
+    """The ROW_INFO of a row's runs (``leaked`` is the caller's)."""
     if matched.empty:
         return {"ours_backbone": "", "tiny": None, "n_runs": 0, "seeds": ""}
     names = sorted({str(b) for b in matched.get("backbone", pd.Series(dtype=object)).dropna()})
@@ -153,7 +194,7 @@ def _seed_order(seed: object) -> tuple:
 
 
 def _cell(paper: str, key: RowKey, metric: str, matched: pd.DataFrame,
-          frame: pd.DataFrame) -> Cell:
+          frame: pd.DataFrame, leaked: str = "") -> Cell:
     if _is_setting_column(paper, metric):  # ASAM Table 5 prints hyperparameters as columns
         return mean_std(per_seed(matched, metric, _setting_reader(paper)))
     relative = RELATIVE_METRICS.get(metric)
@@ -161,7 +202,8 @@ def _cell(paper: str, key: RowKey, metric: str, matched: pd.DataFrame,
         return mean_std(per_seed(matched, metric))
     if not key.setting:  # the reference row itself: the paper prints "–"
         return Cell()
-    reference = dataclasses.replace(key, setting="").select(frame)
+    # the reference runs leaked what these did: a difference never spans clean and leaky runs
+    reference = _same_leak(dataclasses.replace(key, setting="").select(frame), leaked)
     return paired_difference(per_seed(matched, relative.of), per_seed(reference, relative.of))
 
 
@@ -187,7 +229,7 @@ def _requires_text(paper: str) -> str:
 def _p_value(key: RowKey, metric: str, matched: pd.DataFrame, frame: pd.DataFrame) -> float:
     if (norm_name(key.reg) or "none") == "none" or metric in RELATIVE_METRICS:
         return math.nan
-    baseline = key.baseline().select(frame)
+    baseline = _same_leak(key.baseline().select(frame), "")  # reg=none: never leaky
     return paired_ttest(per_seed(matched, metric), per_seed(baseline, metric))
 
 

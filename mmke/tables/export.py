@@ -4,7 +4,8 @@ The display frame has one column for the row label ("Method"), one for each row 
 varies between rows (Model, Task, Protocol, T, Setting), then per metric the paper's value,
 ours ("mean ± std") and, where tested, the p-value (starred below the paper's alpha), and
 last the backbone our numbers came from. Missing numbers are "–". Row keys that are the same
-for every row go to :func:`caption`. CSV export writes the full numeric table instead.
+for every row go to :func:`caption`, and so does a footnote when rows come from leaky runs
+(labelled "(leaky: …)"). CSV export writes the full numeric table instead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ MISSING = "–"
 FORMATS: tuple[str, ...] = ("md", "tex", "csv")
 _KEY_LABELS = {"backbone": "Model", "task": "Task", "protocol": "Protocol", "T": "T",
                "setting": "Setting"}
+#: the caption's footnote on rows built from leaky runs (``mmke.tables.build``)
+LEAKY_NOTE = ("(leaky: …) rows: ours from runs whose edits saw the evaluated record's own "
+              "prompts named there (t_gen/m_gen: its text/image rephrase, t_loc/m_loc: its "
+              "locality prompts), an opt-in reading of the paper; not comparable with the "
+              "other rows")
 
 
 def display_frame(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
@@ -56,6 +62,8 @@ def caption(table: pd.DataFrame) -> str:
         parts.append("ours from tiny models (the embedded default), not the paper's backbones")
     if table.attrs.get("alpha") and _tested(table):
         parts.append(f"p: paired t-test over seeds vs. reg=none, * p < {table.attrs['alpha']}")
+    if table.attrs.get("leaky"):
+        parts.append(LEAKY_NOTE)
     return "; ".join(parts)
 
 

@@ -3,8 +3,9 @@
 Sensitivity figures (ODEdit Figures 2 and 4, ASAM Tables 6-7, M-ORE Figures 11-12) put one
 swept setting on the x axis (categories in numeric order, so ``adaptive`` or a single value
 still draws) and one panel per metric; each line is one configuration (backbone, task, editor,
-reg, protocol, T and the paper's other settings), with mean ± std over seeds. A setting is
-read from the run config through ``mmke.tables.papers.setting_keys``.
+reg, protocol, T and the paper's other settings; leaky runs apart, "(leaky: …)" in the legend),
+with mean ± std over seeds. A setting is read from the run config through
+``mmke.tables.papers.setting_keys``.
 
 M-ORE Figure 7 draws per-edit latency (raw and rolling mean) and per-edit peak memory against
 the edit index, one line per run.
@@ -33,7 +34,7 @@ from mmke.evaluation.names import PAPER_COLUMNS, column_label
 from mmke.tables.errors import UnknownTableError
 from mmke.tables.matching import norm_name, protocol_key, run_task
 from mmke.tables.papers import PAPERS, SETTING_LABELS, setting_keys
-from mmke.tables.runs import RunsLike, as_edit_rows, as_runs, config_value
+from mmke.tables.runs import RunsLike, as_edit_rows, as_runs, config_value, leaked_text
 from mmke.tables.stats import mean_std, per_seed
 
 OutLike = str | os.PathLike[str]
@@ -230,8 +231,12 @@ def _setting_values(frame: pd.DataFrame, paper: str, param: str) -> pd.Series:
 def _config_key(run: pd.Series, others: dict[str, object]) -> tuple:
     protocol, T = protocol_key(run.get("protocol"), run.get("T"))
     extra = tuple(f"{p}={v}" for p, v in others.items() if v is not None and not pd.isna(v))
-    return (str(run.get("backbone")), run_task(run), str(run.get("editor")),
-            norm_name(run.get("reg")) or "none", protocol, T, *extra)
+    reg = norm_name(run.get("reg")) or "none"
+    leaked = leaked_text(run)
+    if leaked:  # a leaky run draws its own line, never a point pooled with clean runs
+        reg = f"{reg} (leaky: {leaked})"
+    return (str(run.get("backbone")), run_task(run), str(run.get("editor")), reg, protocol, T,
+            *extra)
 
 
 def _config_labels(configs: list[tuple]) -> dict[tuple, str]:

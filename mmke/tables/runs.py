@@ -1,6 +1,7 @@
 """Runs as the table builders see them: one row per complete run, with its summary's metrics
 (``load_summaries``) and its whole config flattened into ``config.<dotted key>`` columns, so a
-published ``setting`` can be looked up in any run.
+published ``setting`` can be looked up in any run. :func:`is_leaky` reads the summary's flag of
+a run whose edits saw the evaluated record's own prompts; the builders keep such runs apart.
 
 :func:`run_value` gives one run's value of any table column: a stored metric, a derived one
 (``gen``, ``avg``) or a cost (``memory_gb``), as ``mmke.evaluation.names`` defines them.
@@ -72,6 +73,27 @@ def config_value(run: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
         if not _missing(value):
             return value
     return None
+
+
+def is_leaky(run: Mapping[str, Any]) -> bool:
+    """Whether a run's summary flags it ``leaky``: a setting let its edits see prompts scored
+    for the edited record (``Regularizer.leak_summary``). Runs without the flag are not."""
+    value = run.get("leaky")
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    return not _missing(value) and bool(value)
+
+
+def leaked_text(run: Mapping[str, Any]) -> str:
+    """What a leaky run's edits saw, e.g. ``"t_gen,m_gen"`` (``""`` for a clean run)."""
+    if not is_leaky(run):
+        return ""
+    value = run.get("leaked")
+    if isinstance(value, (list, tuple)) and value:
+        return ",".join(str(v) for v in value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return "unknown"  # flagged leaky without saying what: still kept apart
 
 
 def run_value(run: Mapping[str, Any], metric: str) -> float:

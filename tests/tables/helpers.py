@@ -62,8 +62,10 @@ def frame(*rows: dict[str, Any]) -> pd.DataFrame:
 def write_run(folder: Path, *, editor: str = "ft", reg: str = "none", seed: int = 0,
               backbone: str = "tiny_blip2", data: str = "mini_vqa", task: str | None = "vqa",
               reg_config: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
-              edits: list[dict[str, Any]] | None = None) -> Path:
-    """A complete run folder with a config like ``run.py`` writes (only the keys that matter)."""
+              edits: list[dict[str, Any]] | None = None,
+              summary: dict[str, Any] | None = None) -> Path:
+    """A complete run folder with a config like ``run.py`` writes (only the keys that matter);
+    ``summary``: extra summary fields (e.g. ``leaky``)."""
     data_cfg: dict[str, Any] = {"name": data}
     if task is not None:
         data_cfg["task"] = task
@@ -76,6 +78,7 @@ def write_run(folder: Path, *, editor: str = "ft", reg: str = "none", seed: int 
     for i, row in enumerate(edits or [{"edit_s": 0.1}]):
         writer.add_edit({"index": i, "ok": True, **metrics, **row})
     writer.finish({**metrics, "n_edits": len(edits or [1]), "n_failed": 0,
-                   "cost": {"edit_s": 0.1, "steps": 4.0, "wall_s": 2.0, "peak_rss_mb": 2048.0}})
+                   "cost": {"edit_s": 0.1, "steps": 4.0, "wall_s": 2.0, "peak_rss_mb": 2048.0},
+                   **(summary or {})})
     writer.close()
     return folder
