@@ -1,0 +1,6 @@
+"""Sentence encoders shared by the editors and regularizers that retrieve by text similarity
+(ASAM's ``variants=simcse``, IKE's demonstrations, SERAC's scope classifier)."""
+
+from mmke.encoders.sentence import SentenceEncoder
+
+__all__ = ["SentenceEncoder"]
