@@ -1,6 +1,7 @@
 """Sentence encoders shared by the editors and regularizers that retrieve by text similarity
 (ASAM's ``variants=simcse``, IKE's demonstrations, SERAC's scope classifier)."""
 
+from mmke.encoders.cache import cached_encode, embedding_key
 from mmke.encoders.sentence import SentenceEncoder
 
-__all__ = ["SentenceEncoder"]
+__all__ = ["SentenceEncoder", "cached_encode", "embedding_key"]

