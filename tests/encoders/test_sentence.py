@@ -4,6 +4,7 @@ on-disk embedding cache and cosine retrieval."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import types
 import zipfile
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmke.encoders import SentenceEncoder, cached_encode
+from mmke.encoders import SentenceEncoder, cached_encode, nearest
 from mmke.encoders import sentence as sentence_module
 from mmke.encoders.cache import EmbeddingCacheWarning, embedding_key, embedding_path
 from mmke.encoders.sentence import (
@@ -23,7 +24,7 @@ from mmke.encoders.sentence import (
     mean_pool,
     read_pooling,
 )
-from mmke.errors import DataError, WeightsNotFoundError
+from mmke.errors import ConfigError, DataError, WeightsNotFoundError
 from tests.conftest import cache_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -247,3 +248,53 @@ def test_a_corrupt_or_mismatched_cache_file_is_rebuilt_with_a_warning(encoder, s
     assert len(spy) == 2
 
 
+# --- cosine retrieval ----------------------------------------------------------------------
+
+def _hand_ranking(queries: torch.Tensor, bank: torch.Tensor, k: int,
+                  exclude: list[set[int]]) -> list[list[int]]:
+    def cosine(u, v):
+        dot = sum(a * b for a, b in zip(u.tolist(), v.tolist()))
+        return dot / math.sqrt(sum(a * a for a in u.tolist()) * sum(b * b for b in v.tolist()))
+
+    ranked = []
+    for i, q in enumerate(queries):
+        scored = [(-cosine(q, b), j) for j, b in enumerate(bank) if j not in exclude[i]]
+        ranked.append([j for _, j in sorted(scored)[:k]])
+    return ranked
+
+
+def test_nearest_matches_a_hand_computed_cosine_ranking():
+    gen = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(4, 6, generator=gen), torch.randn(12, 6, generator=gen) * 3
+    exclude = [{0, 5}, set(), {11}, {1, 2, 3}]
+    found = nearest(queries, bank, k=5, exclude=[sorted(e) for e in exclude])
+    assert found.indices.tolist() == _hand_ranking(queries, bank, 5, exclude)
+    assert found.indices.tolist() != nearest(queries, bank, k=5).indices.tolist()
+    expected = torch.nn.functional.cosine_similarity(queries[:, None], bank[found.indices], dim=-1)
+    assert torch.allclose(found.scores, expected, atol=1e-6)
+    no_exclusion = nearest(queries, bank, k=5)
+    assert no_exclusion.indices.tolist() == _hand_ranking(queries, bank, 5, [set()] * 4)
+
+    mask = torch.zeros(4, 12, dtype=torch.bool)
+    for i, e in enumerate(exclude):
+        mask[i, sorted(e)] = True
+    assert torch.equal(nearest(queries, bank, k=5, exclude=mask).indices, found.indices)
+
+
+def test_nearest_breaks_ties_by_index_and_checks_k():
+    bank = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, -1.0]])
+    found = nearest(torch.tensor([1.0, 0.0]), bank, k=4)
+    assert found.indices.tolist() == [[1, 2, 3, 0]]  # rows 1, 2, 3 tie at cosine 1
+    assert nearest(torch.tensor([1.0, 0.0]), bank, k=2, exclude=[[1]]).indices.tolist() == [[2, 3]]
+    with pytest.raises(ConfigError, match="k=5"):
+        nearest(torch.tensor([1.0, 0.0]), bank, k=5, exclude=[[0]])
+    with pytest.raises(IndexError):
+        nearest(torch.tensor([1.0, 0.0]), bank, k=1, exclude=[[7]])
+    with pytest.raises(ValueError, match="same d"):
+        nearest(torch.ones(2, 3), bank, k=1)
+
+
+def test_nearest_on_real_embeddings_finds_the_paraphrase(encoder):
+    bank = encoder.encode([UNRELATED, SQUARE_PARAPHRASE, LONG, SQUARE])
+    query = encoder.encode([SQUARE])
+    assert nearest(query, bank, k=1, exclude=[[3]]).indices.tolist() == [[1]]
