@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.spine import load  # noqa: E402
+from benchmarks.spine import cache_dir, load  # noqa: E402
 from mmke.editors.ft import FineTune  # noqa: E402
 from mmke.evaluation.evaluator import METRICS, Evaluator  # noqa: E402
 from mmke.evaluation.spec import MetricSpec  # noqa: E402
@@ -97,6 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
     backbone, source = load([f"data={args.data}"])
+    cache = str(cache_dir())  # simcse's encoder and embeddings
     records = source.records("eval", limit=args.records)
     train = source.records("train")
     bench_cost(backbone, source, records, train)
@@ -114,6 +115,7 @@ def main() -> None:
         print("[ASAM Table 4 on FT]")
         study(backbone, source, records, train,
               {"lar+rcsl": lambda s: ASAM(seed=s), "original": lambda s: ASAM(variants="original", seed=s),
+               "simcse": lambda s: ASAM(variants="simcse", cache_dir=cache, seed=s),
                **{a: (lambda s, a=a: ASAM(align=a, seed=s)) for a in ("cosine", "l2")}},
               args.seeds, "lar+rcsl")
 

