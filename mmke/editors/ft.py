@@ -19,7 +19,7 @@ import torch
 from mmke.data.prompts import edit_prompts
 from mmke.data.record import EditRecord
 from mmke.editors.base import EditOutcome, Editor
-from mmke.editors.snapshot import WeightSnapshot, named_parameters_of
+from mmke.editors.snapshot import WeightSnapshot, named_parameters_of, only_trainable
 from mmke.regularizers.base import EditContext, Regularizer, RegularizerStep, edit_requests
 
 
@@ -61,7 +61,7 @@ class FineTune(Editor):
         batch = backbone.prepare([edit_prompts(r, self.templates)[0] for r in records],
                                  append_eos=self.append_eos)
         optimizer = torch.optim.Adam(params.values(), lr=self.lr, weight_decay=self.weight_decay)
-        trainable = _only_trainable(backbone.model, params.values())
+        trainable = only_trainable(backbone.model, params.values())
         outcome = EditOutcome()
         try:
             if self.regularizer.active:  # the regularizer sees edit requests, never the records
@@ -100,24 +100,3 @@ class FineTune(Editor):
 def _copy_back(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
     for name, p in params.items():
         p.copy_(values[name])
-
-
-class _RequiresGrad:
-    """Remembers every parameter's ``requires_grad`` so it can be put back after an edit."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self._flags = [(p, p.requires_grad) for p in model.parameters()]
-
-    def restore(self) -> None:
-        for p, flag in self._flags:
-            p.requires_grad_(flag)
-
-
-def _only_trainable(model: torch.nn.Module, params) -> _RequiresGrad:
-    """Freeze everything but ``params`` (autograd then skips the rest of the model)."""
-    saved = _RequiresGrad(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    return saved
