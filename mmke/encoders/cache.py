@@ -8,11 +8,8 @@ warning rather than trusted.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from mmke.results.atomic import fsync_dir
+from mmke.results.atomic import atomic_write_bytes
 
 TENSOR = "embeddings"
 
@@ -56,24 +53,6 @@ def embedding_key(fingerprint: str, texts: Sequence[str]) -> str:
 def embedding_path(cache_dir: str | Path, key: str) -> Path:
     """Where the embeddings for ``key`` live under ``cache_dir``."""
     return Path(cache_dir) / "embeddings" / f"{key}.safetensors"
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared by collaborators
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def _read(path: Path, key: str, n: int) -> torch.Tensor | None:
@@ -116,5 +95,5 @@ def cached_encode(encoder: TextEncoder, texts: Sequence[str], cache_dir: str | P
     if emb is None:
         emb = encoder.encode(texts, batch_size=batch_size).detach().to("cpu", torch.float32)
         metadata = {"key": key, "fingerprint": encoder.fingerprint, "n": str(len(texts))}
-        _write_atomic(path, save({TENSOR: emb.contiguous()}, metadata=metadata))
+        atomic_write_bytes(path, save({TENSOR: emb.contiguous()}, metadata=metadata))
     return emb.to(encoder.device)

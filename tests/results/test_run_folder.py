@@ -172,3 +172,30 @@ def test_git_state_in_a_checkout_and_without_git(tmp_path: Path,
 
     monkeypatch.setattr(run_folder.subprocess, "run", no_git)
     assert run_folder._git_state(tmp_path) == ("unknown", None)
+
+
+# --- build_folder_once: the cache folders (tiny backbones, the sentence encoder) ---------------
+
+def test_build_folder_once_builds_once_and_leaves_nothing_on_a_crash(tmp_path):
+    from mmke.results.atomic import build_folder_once
+    calls = []
+
+    def fill(tmp):
+        calls.append(tmp)
+        (tmp / "weights.bin").write_bytes(b"w")
+        return "done"
+
+    folder = tmp_path / "cache" / "model"
+
+    def crash(tmp):
+        (tmp / "half.bin").write_bytes(b"h")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        build_folder_once(folder, crash, "marker")
+    assert list((tmp_path / "cache").iterdir()) == []  # no folder, no temporary sibling
+    folder.mkdir()  # an unmarked leftover of an older, interrupted layout
+    (folder / "stale.bin").write_bytes(b"s")
+    assert build_folder_once(folder, fill, "marker") == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["marker", "weights.bin"]
+    assert build_folder_once(folder, fill, "marker") == folder and len(calls) == 1

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from mmke.results.atomic import build_folder_once
 
 DONE_MARKER = "pretrain_report.json"
 
@@ -22,23 +21,7 @@ def cache_key(*parts: Any) -> str:
 def cached_build(folder: Path, build: Callable[[Path], dict]) -> Path:
     """Run ``build(tmp)`` into a temporary sibling folder and rename it to ``folder``; the report
     it returns is written last, as the marker of a complete build. Reused when already there."""
-    if (folder / DONE_MARKER).is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
-    try:
-        report = build(tmp)
-        (tmp / DONE_MARKER).write_text(json.dumps(report, indent=1))
-        if folder.exists():  # an incomplete leftover, or a finished concurrent build
-            if (folder / DONE_MARKER).is_file():
-                shutil.rmtree(tmp, ignore_errors=True)
-                return folder
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return build_folder_once(folder, lambda tmp: json.dumps(build(tmp), indent=1), DONE_MARKER)
 
 
 def read_report(folder: Path) -> dict:
