@@ -3,7 +3,7 @@
 Huang et al., "Transformer-Patcher: One Mistake Worth One Neuron" (ICLR 2023), §3.1: the FFN is
 FFN(h) = act(h·K + b_k)·V + b_v (Eq. 1). Appending neurons with keys k_p, biases b_p and values
 v_p gives (Eq. 2)
-    FFN_p(h) = [act(h·K + b_k), act(h·k_p + b_p)]·[V; v_p] + b_v = FFN(h) + act(h·k_p + b_p)·v_p:
+  FFN_p(h) = [act(h·K + b_k), act(h·k_p + b_p)]·[V; v_p] + b_v = FFN(h) + act(h·k_p + b_p)·v_p:
 the new rows never mix with the old ones. So this module leaves every weight as it is
 and adds act(h·k_p + b_p)·v_p to the FFN's output instead. A forward pre-hook on the FFN's input
 matrix (role ``ffn_in``: OPT ``fc1``, Llama ``up_proj``) reads h, the FFN's input after its layer
