@@ -7,13 +7,13 @@ act(q·k_p + b_p)·v_p to the FFN's output (Eq. 2; ``mmke.editors.neurons``). On
 train; earlier ones stay frozen, so a sequential stream accumulates them. ``restore`` removes
 every neuron and both hooks.
 
-One edit (``n_neurons`` neurons):
+One edit (one neuron per target position, at most ``n_neurons``):
 - Queries. q is the FFN's input at the layer (after its layer norm). The edit's queries q_e are
   taken at the positions whose logits predict the target: the last prompt token, then each
-  target token but the last. Neuron i keys on the i-th of them (cycling when n_neurons exceeds
-  them). One neuron keys on the last prompt token, the paper's "last token"; as many neurons as
-  target tokens give each answer token its own neuron, as the authors' code does for generation
-  (one neuron per wrong target token). With the patch in the last layer nothing above carries a
+  target token but the last. Neuron i keys on the i-th of them. With ``n_neurons=1`` the one
+  neuron keys on the last prompt token, the paper's "last token". More give each answer token
+  its own neuron, as the authors' code does for generation (one neuron per wrong target token,
+  at most ``max_add_neuron_num``). With the patch in the last layer nothing above carries a
   neuron's output to later positions, so a later answer token is produced only where a neuron
   fires at its own position.
 - Initialisation (§3.2): k_p = q_e / ‖q_e‖², b_p = 0, so the neuron starts with activation
@@ -82,9 +82,10 @@ def top_k_exp_mean(x: torch.Tensor, k: int) -> torch.Tensor:
 class TPatcher(Editor):
     """T-Patcher on the FFN of language layer ``layer`` (negative: from the end).
 
-    ``n_neurons``: neurons per edit; ``activation``: relu | gelu; ``lr``, ``steps``,
-    ``weight_decay``: Adam on the new neurons; ``early_stop_loss``: stop once the edit's NLL is
-    below it (None: always ``steps``); ``act_weight``, ``memory_weight``: a and m of Eq. 7;
+    ``n_neurons``: at most this many neurons per edit, one per target position;
+    ``activation``: relu | gelu; ``lr``, ``steps``, ``weight_decay``: Adam on the new neurons;
+    ``early_stop_loss``: stop once the edit's NLL is below it (None: always ``steps``);
+    ``act_weight``, ``memory_weight``: a and m of Eq. 7;
     ``act_margin``, ``memory_margin``, ``gap_margin``: α, β, γ; ``memory_prompts``: train-split
     out-of-scope prompts per edit; ``memory_topk``: the k of S; ``remember_edits``: earlier edits
     of the stream join the memory; ``append_eos``: also train the end token after the target;
@@ -173,9 +174,9 @@ class TPatcher(Editor):
         request = edit_request(record, self.templates, self.regularizer.reveals)
         batch = backbone.prepare([request.prompt], append_eos=self.append_eos)
         queries = ffn_inputs(backbone, batch, self._layer)           # [1, S, d]
-        rows, cols = batch.target_positions()
-        keyed = torch.arange(self.n_neurons, device=cols.device) % len(cols)
-        q_e = queries[rows[keyed], cols[keyed]].float()               # [n, d]
+        rows, cols = batch.target_positions()                        # in order of position
+        n = min(self.n_neurons, len(cols))
+        q_e = queries[rows[:n], cols[:n]].float()                    # [n, d]
         memory = self._memory(request)
         block = patch.add(keys=q_e / q_e.pow(2).sum(dim=1, keepdim=True),
                           biases=q_e.new_zeros(len(q_e)),
