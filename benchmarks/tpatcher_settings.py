@@ -1,6 +1,6 @@
 """T-Patcher's per-family settings, chosen on the TRAIN split (issue 12). Prints; asserts nothing.
 
-    python benchmarks/tpatcher_settings.py [--backbone tiny_blip2] [--data mini_vqa] [--edits 40]
+    python benchmarks/tpatcher_settings.py [--backbone tiny_blip2] [--data mini_vqa] [--edits 30]
                                            [--stream 20]
 
 For each candidate setting (``SETTINGS``, on top of conf/editor/tpatcher.yaml): ``--edits``
@@ -31,9 +31,7 @@ from mmke.evaluation.spec import MetricSpec  # noqa: E402
 from mmke.protocols.sequential import Sequential  # noqa: E402
 from mmke.protocols.single import SingleEdit  # noqa: E402
 
-SETTINGS = [dict(), dict(n_neurons=2), dict(n_neurons=3), dict(steps=50),
-            dict(n_neurons=2, steps=50), dict(n_neurons=2, lr=0.03),
-            dict(n_neurons=3, lr=0.03)]
+SETTINGS = [dict(), dict(n_neurons=3), dict(n_neurons=3, steps=50), dict(n_neurons=3, lr=0.03)]
 METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 
 
@@ -45,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="tiny_blip2")
     parser.add_argument("--data", default="mini_vqa")
-    parser.add_argument("--edits", type=int, default=40)
+    parser.add_argument("--edits", type=int, default=30)
     parser.add_argument("--stream", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
