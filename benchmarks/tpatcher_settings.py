@@ -34,7 +34,9 @@ from mmke.protocols.single import SingleEdit  # noqa: E402
 SETTINGS = [dict(), dict(n_neurons=3), dict(n_neurons=3, steps=50), dict(n_neurons=3, lr=0.03),
             dict(n_neurons=3, lr=0.03, memory_prompts=50),
             dict(n_neurons=3, lr=0.03, memory_weight=20.0),
-            dict(n_neurons=3, lr=0.03, memory_margin=-6.0)]
+            dict(n_neurons=3, lr=0.03, memory_margin=-6.0),
+            dict(n_neurons=3, lr=0.03, steps=40, memory_prompts=50),
+            dict(n_neurons=3, lr=0.05, memory_prompts=50)]
 METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 
 
