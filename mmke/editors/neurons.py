@@ -1,8 +1,9 @@
 """Neurons appended to the FFN of one language layer, as a pair of hooks (T-Patcher, UniKE).
 
-Huang et al., "Transformer-Patcher: One Mistake Worth One Neuron" (ICLR 2023), §3.1: the FFN is
-FFN(h) = act(h·K + b_k)·V + b_v (Eq. 1). Appending neurons with keys k_p, biases b_p and values
-v_p gives (Eq. 2)
+Huang et al., "Transformer-Patcher: One Mistake Worth One Neuron" (ICLR 2023), §3 (the patched
+FFN; equation numbers are not cited because the paper's text could not be checked here): the FFN
+is FFN(h) = act(h·K + b_k)·V + b_v. Appending neurons with keys k_p, biases b_p and values v_p
+gives
   FFN_p(h) = [act(h·K + b_k), act(h·k_p + b_p)]·[V; v_p] + b_v = FFN(h) + act(h·k_p + b_p)·v_p:
 the new rows never mix with the old ones. So this module leaves every weight as it is
 and adds act(h·k_p + b_p)·v_p to the FFN's output instead. A forward pre-hook on the FFN's input
@@ -32,7 +33,7 @@ from torch import nn
 
 from mmke.backbones.base import Backbone, ModelBatch
 
-#: the neuron's activation function act(·) of Eq. 2. ``relu`` (OPT's own FFN activation): a
+#: the neuron's activation function act(·) of the patched FFN. ``relu`` (OPT's own FFN activation): a
 #: neuron with h·k + b <= 0 contributes exactly nothing, which is what "inactive" means for the
 #: memory loss. ``gelu`` (BART's, the paper's backbone) leaks a little below zero.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu}
@@ -111,7 +112,7 @@ class NeuronPatch:
         return h.float() @ keys.T + biases
 
     def contribution(self, h: torch.Tensor) -> torch.Tensor:
-        """act(h·k + b)·v summed over every neuron (Eq. 2's added term), float32 [..., d_out]."""
+        """act(h·k + b)·v summed over every neuron (the patched FFN's added term), float32 [..., d_out]."""
         values = torch.cat([b.values for b in self.blocks]).to(h.device)
         return self.act(self.pre_activations(h)) @ values
 

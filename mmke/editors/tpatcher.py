@@ -3,7 +3,7 @@
 Huang et al., "Transformer-Patcher: One Mistake Worth One Neuron" (ICLR 2023), §3. The
 backbone's weights never change: each edit adds neurons (key k_p, bias b_p, value v_p) beside the
 FFN of language layer ``layer`` (the paper's last layer; a per-family setting), which adds
-act(q·k_p + b_p)·v_p to the FFN's output (Eq. 2; ``mmke.editors.neurons``). Only the new neurons
+act(q·k_p + b_p)·v_p to the FFN's output (``mmke.editors.neurons``). Only the new neurons
 train; earlier ones stay frozen, so a sequential stream accumulates them. ``restore`` removes
 every neuron and both hooks.
 
@@ -16,10 +16,12 @@ One edit (one neuron per target position, at most ``n_neurons``):
   at most ``max_add_neuron_num``). With the patch in the last layer nothing above carries a
   neuron's output to later positions, so a later answer token is produced only where a neuron
   fires at its own position.
-- Initialisation (§3.2): k_p = q_e / ‖q_e‖², b_p = 0, so the neuron starts with activation
+- Initialisation (the authors' ``_reset_parameters``): k_p = q_e / ‖q_e‖², b_p = 0, so the
+  neuron starts with activation
   exactly 1 on its edit query. v_p = 0, so the model is unchanged until the value trains (the
   authors start v from a random normal times 10, which moves the edit's output before any step).
-- Loss (§3.2, Eq. 7): L = l_e + a·l_a + m·(l_m1 + l_m2), with, for the new neurons,
+- Loss (§3, the patch's training objective; the authors' ``calculate_act_loss`` and
+  ``calculate_memory_loss``): L = l_e + a·l_a + m·(l_m1 + l_m2), with, for the new neurons,
   l_e the NLL of the new target;
   l_a = mean_i exp(α − (q_e,i·k_i + b_i)) (activation loss: the neuron fires on its edit
   query, above the margin α = ``act_margin``);
@@ -85,7 +87,7 @@ class TPatcher(Editor):
     ``n_neurons``: at most this many neurons per edit, one per target position;
     ``activation``: relu | gelu; ``lr``, ``steps``, ``weight_decay``: Adam on the new neurons;
     ``early_stop_loss``: stop once the edit's NLL is below it (None: always ``steps``);
-    ``act_weight``, ``memory_weight``: a and m of Eq. 7;
+    ``act_weight``, ``memory_weight``: a and m of the loss;
     ``act_margin``, ``memory_margin``, ``gap_margin``: α, β, γ; ``memory_prompts``: train-split
     out-of-scope prompts per edit; ``memory_topk``: the k of S; ``remember_edits``: earlier edits
     of the stream join the memory; ``append_eos``: also train the end token after the target;
@@ -216,7 +218,7 @@ class TPatcher(Editor):
 
     def _patch_losses(self, block: NeuronBlock, q_e: torch.Tensor,
                       memory: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """l_a and l_m1 + l_m2 of §3.2 for the new neurons."""
+        """l_a and l_m1 + l_m2 (the activation and memory losses) for the new neurons."""
         assert self.patch is not None
         a_e = self.patch.pre_activations(q_e, [block]).diagonal()      # neuron i on its query
         terms = {"act": torch.exp(self.act_margin - a_e).mean()}
