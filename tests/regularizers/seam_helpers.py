@@ -86,10 +86,12 @@ class EditSeen:
     rel: object             # the edit prompt itself (FT trains on it)
 
 
-def what_the_edit_sees(backbone, source, make_reg, monkeypatch,
-                       n_records: int = 10) -> list[EditSeen]:
-    """Edit ``n_records`` eval records one by one with FT + ``make_reg()``, recording every prompt
-    the backbone tokenizes (``encode``) and the requests handed to the regularizer's ``begin``."""
+def what_the_edit_sees(backbone, source, make_reg, monkeypatch, n_records: int = 10,
+                       make_editor=make_ft) -> list[EditSeen]:
+    """Edit ``n_records`` eval records one by one with ``make_editor`` (default FT) +
+    ``make_reg()``, recording every prompt the backbone tokenizes (``encode``) and the requests
+    handed to the regularizer's ``begin``. ``make_editor(backbone, source, regularizer, steps)``
+    builds an attached editor."""
     encoded: list = []
     requests: list = []
     real_encode = type(backbone).encode
@@ -108,7 +110,7 @@ def what_the_edit_sees(backbone, source, make_reg, monkeypatch,
 
     monkeypatch.setattr(regularizer, "begin", spy_begin)
     evaluator = Evaluator(MetricSpec(), source.templates)
-    editor = make_ft(backbone, source, regularizer, steps=2)
+    editor = make_editor(backbone, source, regularizer, steps=2)
     seen = []
     for record in source.records("eval", limit=n_records):
         encoded.clear()
@@ -122,14 +124,17 @@ def what_the_edit_sees(backbone, source, make_reg, monkeypatch,
     return seen
 
 
-def no_scored_prompt_reaches_the_edit(backbone, source, make_reg, monkeypatch) -> int:
-    """No prompt the evaluator scores for a record (other than the edit prompt itself, which FT
-    trains on) reaches its edit: not as a prompt the backbone tokenizes (text and picture), not
-    as a picture only (its image rephrase or a locality picture under any question), and not
-    inside the edit requests the regularizer receives (they carry the edit prompt alone).
-    Returns how many prompts the regularizer added, so a test can check it drew any."""
+def no_scored_prompt_reaches_the_edit(backbone, source, make_reg, monkeypatch,
+                                      make_editor=make_ft) -> int:
+    """No prompt the evaluator scores for a record (other than the edit prompt itself, which the
+    editor trains on) reaches its edit: not as a prompt the backbone tokenizes (text and
+    picture), not as a picture only (its image rephrase or a locality picture under any
+    question), and not inside the edit requests the regularizer receives (they carry the edit
+    prompt alone). ``make_editor``: as in ``what_the_edit_sees``. Returns how many prompts the
+    editor and regularizer added, so a test can check they drew any."""
     extra = 0
-    for edit in what_the_edit_sees(backbone, source, make_reg, monkeypatch):
+    for edit in what_the_edit_sees(backbone, source, make_reg, monkeypatch,
+                                   make_editor=make_editor):
         uid = edit.record.uid
         scored = {prompt_key(p) for p in edit.scored}
         leaked = [p for p in edit.encoded if prompt_key(p) in scored]
