@@ -30,12 +30,16 @@ def test_default_run_writes_a_complete_run_folder(tmp_path, pretrained):
         assert label in proc.stdout
 
 
-def test_sequential_protocol_from_the_command_line(tmp_path, pretrained):
-    proc = run_cli("n_edits=4", "protocol=sequential", "protocol.T=2", "editor=none",
+@pytest.mark.parametrize("protocol", ["sequential", "online"])
+def test_stream_protocols_from_the_command_line(tmp_path, pretrained, protocol):
+    proc = run_cli("n_edits=4", f"protocol={protocol}", "protocol.T=2", "editor=none",
                    tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "edits.jsonl").read_text().splitlines()]
     assert [r["stream"] for r in rows] == [0, 0, 1, 1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # online: each edit scored again at the end of its stream (retention), in rows and summary
+    assert ("rel_final" in rows[0] and "rel_final" in summary) == (protocol == "online")
 
 
 @pytest.mark.parametrize("overrides, needle", [

@@ -141,8 +141,9 @@ def test_two_processes_give_the_single_edit_rows_of_one(tmp_path, pretrained):
     assert proc.stdout.count("run folder:") == 1  # only the main process reports
 
 
-def test_two_processes_give_the_sequential_streams_of_one(tmp_path, pretrained):
-    overrides = ("n_edits=4", "protocol=sequential", "protocol.T=2", THREADS)
+@pytest.mark.parametrize("protocol", ["sequential", "online"])
+def test_two_processes_give_the_streams_of_one(tmp_path, pretrained, protocol):
+    overrides = ("n_edits=4", f"protocol={protocol}", "protocol.T=2", THREADS)
     one, two = tmp_path / "one", tmp_path / "two"
     ref = single(*overrides, f"hydra.run.dir={one}")
     assert ref.returncode == 0, ref.stderr[-3000:]

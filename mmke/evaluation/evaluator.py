@@ -109,12 +109,26 @@ class Evaluator:
 
     def references(self, backbone: Backbone, records: Sequence[EditRecord]) -> list[LocalityReference]:
         """Locality references from ``backbone`` as it is now (call before editing)."""
+        return self._references(backbone.forward, backbone, backbone, list, records)
+
+    def references_now(self, editor: Editor, records: Sequence[EditRecord]) -> list[LocalityReference]:
+        """Locality references from the model state ``editor`` holds now, read the way
+        ``evaluate`` reads it (the online protocol's θ_{t-1}: M-ORE Eq. 17-18)."""
+        assert editor.backbone is not None
+        return self._references(editor.forward, editor.backbone, editor, editor.prepare_prompts,
+                                records)
+
+    def _references(self, forward: Callable[[ModelBatch], ForwardOutput], backbone: Backbone,
+                    model: Generates, prepare: Callable[[list[Prompt]], list[Prompt]],
+                    records: Sequence[EditRecord]) -> list[LocalityReference]:
         per_record = [[i for i in self.items(r) if i.locality] for r in records]
         flat = [i for items in per_record for i in items]
-        outputs = self._score(backbone.forward, backbone, flat) if self.spec.teacher_forced else []
+        prompts = prepare([i.prompt for i in flat])
+        prepared = [Item(i.metric, p, i.locality, i.k) for i, p in zip(flat, prompts)]
+        outputs = self._score(forward, backbone, prepared) if self.spec.teacher_forced else []
         answers: list[str] = []
-        if self.spec.generated:
-            answers = self._generate(backbone, [i.prompt for i in flat])
+        if self.spec.generated:  # unprepared: a prompt editor's generate rewrites them itself
+            answers = self._generate(model, [i.prompt for i in flat])
         refs, start = [], 0
         for items in per_record:
             end = start + len(items)

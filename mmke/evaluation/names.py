@@ -30,7 +30,9 @@ Extra metrics, stored when a run asks for them: ``port`` (VLKEB portability: the
 question answered with the edit's consequence), the DE-VQA locality sets ``loc_<set>``, and the
 greedy generated-answer scores ``<metric>_greedy`` (exact match after normalisation; for
 locality: the edited model's answer equals the unedited model's) and ``<metric>_greedy_f1``
-(token F1; accuracy metrics only).
+(token F1; accuracy metrics only). Under ``protocol=online`` every metric also has
+``<metric>_final``: the edit scored again on the model at the end of its stream (retention,
+M-ORE Figure 3d), its locality against the unedited model.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ LOCALITY_SET_LABELS: dict[str, str] = {"same_image": "Loc. same img.",
                                        "no_image": "Loc. no img."}
 GREEDY_SUFFIX = "_greedy"
 F1_SUFFIX = "_greedy_f1"
+#: the online protocol's end-of-stream score of an edit on the final model (retention)
+FINAL_SUFFIX = "_final"
 
 
 def locality_set_key(name: str) -> str:
@@ -76,6 +80,11 @@ def f1_key(metric: str) -> str:
     return metric + F1_SUFFIX
 
 
+def final_key(metric: str) -> str:
+    """The key of ``metric`` scored again on the model at the end of an online stream."""
+    return metric + FINAL_SUFFIX
+
+
 def _extra_labels() -> dict[str, str]:
     base = {**METRIC_LABELS, PORT: "Port."}
     base.update({locality_set_key(k): v for k, v in LOCALITY_SET_LABELS.items()})
@@ -84,6 +93,7 @@ def _extra_labels() -> dict[str, str]:
         labels[greedy_key(key)] = f"{label} (greedy)"
         if key in ACCURACY_METRICS:  # locality compares two answers: no gold to take F1 against
             labels[f1_key(key)] = f"{label} F1 (greedy)"
+    labels.update({final_key(k): f"{v} (final)" for k, v in labels.items()})
     return labels
 
 
@@ -198,6 +208,8 @@ COLUMN_ORDER: tuple[str, ...] = (
     # each greedy column (and its F1) in the place of its teacher-forced column
     *(k for base in _TEACHER_FORCED_ORDER for k in (greedy_key(base), f1_key(base))
       if k in ALL_METRIC_LABELS or k in DERIVED_METRICS),
+    # the online protocol's retention columns after every per-step column
+    *(final_key(k) for k in ALL_METRIC_LABELS if not k.endswith(FINAL_SUFFIX)),
     *COST_METRICS)
 
 
