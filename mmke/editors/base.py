@@ -37,6 +37,12 @@ class EditOutcome:
     incremental_mem_mb: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
+    def fail_non_finite(self) -> None:
+        """Mark the call failed on a non-finite loss (the editor has undone its edits)."""
+        self.ok = False
+        self.message = (f"non-finite loss after {self.steps} steps; "
+                        "the edits of this call are undone")
+
 
 class Editor(ABC):
     """Base class of all editors. Subclasses take typed hyperparameters in ``__init__``."""

@@ -370,9 +370,7 @@ class Grace(Editor):
                     self.codebook.rollback(point)
                     if len(self.codebook) == 0:
                         self._remove_hook()
-                    outcome.ok = False
-                    outcome.message = (f"non-finite loss after {outcome.steps} steps; "
-                                       "the edits of this call are undone")
+                    outcome.fail_non_finite()
                     break
         finally:
             frozen.restore()

@@ -161,9 +161,7 @@ class TPatcher(Editor):
                 if not self._edit_one(record, outcome):
                     self.patch.truncate(blocks)
                     del self.remembered[remembered:]
-                    outcome.ok = False
-                    outcome.message = (f"non-finite loss after {outcome.steps} steps; "
-                                       "the edits of this call are undone")
+                    outcome.fail_non_finite()
                     break
         finally:
             frozen.restore()

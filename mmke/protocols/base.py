@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from mmke.data.record import EditRecord
 from mmke.editors.base import EditOutcome, Editor
+from mmke.errors import ConfigError
 from mmke.evaluation.evaluator import METRICS, Evaluator
 
 EditSink = Callable[[dict], None]
@@ -62,6 +63,15 @@ class Protocol(ABC):
         a multi-process run): rows carry run-wide indices, so gathered shards sort back into
         the order of one process.
         """
+
+    def _check_streams(self, records: Sequence[EditRecord], evaluator: Evaluator) -> None:
+        """Stream protocols take whole streams of T and score Port. without a second edit."""
+        if len(records) % self.T:
+            raise ConfigError(f"{len(records)} records do not split into streams of T={self.T}; "
+                              "set n_edits to a multiple of protocol.T")
+        if evaluator.spec.port_edit:
+            raise ConfigError("eval.port_edit (VLKEB's one-hop protocol: a second edit per record "
+                              f"before Port. is scored) needs protocol=single, not {self.name}")
 
     @staticmethod
     def _bar(total: int, desc: str, progress: bool) -> tqdm:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 
 from mmke.data.record import EditRecord
 from mmke.editors.base import EditOutcome, Editor
-from mmke.errors import ConfigError
 from mmke.evaluation.evaluator import Evaluator, LocalityReference
 from mmke.evaluation.names import final_key
 from mmke.protocols.base import EditRow, EditSink, Protocol
@@ -34,12 +33,7 @@ class Online(Protocol):
     def run(self, editor: Editor, evaluator: Evaluator, records: Sequence[EditRecord],
             sink: EditSink, progress: bool = True, *, start: int = 0) -> list[dict]:
         assert editor.backbone is not None
-        if len(records) % self.T:
-            raise ConfigError(f"{len(records)} records do not split into streams of T={self.T}; "
-                              "set n_edits to a multiple of protocol.T")
-        if evaluator.spec.port_edit:
-            raise ConfigError("eval.port_edit (VLKEB's one-hop protocol: a second edit per record "
-                              "before Port. is scored) needs protocol=single")
+        self._check_streams(records, evaluator)
         initial = evaluator.references(editor.backbone, records)  # θ_0, for the final scores
         rows = []
         with self._bar(len(records), f"{editor.name}: online T={self.T}", progress) as bar:

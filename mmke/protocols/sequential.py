@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mmke.data.record import EditRecord
-from mmke.errors import ConfigError
 from mmke.editors.base import EditOutcome, Editor
 from mmke.evaluation.evaluator import Evaluator
 from mmke.protocols.base import EditRow, EditSink, Protocol
@@ -20,12 +19,7 @@ class Sequential(Protocol):
     def run(self, editor: Editor, evaluator: Evaluator, records: Sequence[EditRecord],
             sink: EditSink, progress: bool = True, *, start: int = 0) -> list[dict]:
         assert editor.backbone is not None
-        if len(records) % self.T:
-            raise ValueError(f"{len(records)} records do not split into streams of T={self.T}; "
-                             "set n_edits to a multiple of protocol.T")
-        if evaluator.spec.port_edit:
-            raise ConfigError("eval.port_edit (VLKEB's one-hop protocol: a second edit per record "
-                             "before Port. is scored) needs protocol=single")
+        self._check_streams(records, evaluator)
         refs = evaluator.references(editor.backbone, records)
         rows = []
         with self._bar(len(records), f"{editor.name}: sequential T={self.T}", progress) as bar:

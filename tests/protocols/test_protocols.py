@@ -4,6 +4,7 @@ import pytest
 
 from mmke.editors.base import NoEdit
 from mmke.editors.ft import FineTune
+from mmke.errors import ConfigError
 from mmke.evaluation.evaluator import Evaluator
 from mmke.evaluation.spec import MetricSpec
 from mmke.protocols.sequential import Sequential
@@ -61,7 +62,7 @@ def test_sequential_evaluates_streams_after_T_edits(pretrained, vqa_source, reco
 
 
 def test_sequential_needs_whole_streams(pretrained, vqa_source, records):
-    with pytest.raises(ValueError, match="multiple of protocol.T"):
+    with pytest.raises(ConfigError, match="multiple of protocol.T"):
         Sequential(T=3).run(attached(NoEdit(), pretrained, vqa_source),
                             Evaluator(MetricSpec(), vqa_source.templates), records,
                             lambda r: None, False)
