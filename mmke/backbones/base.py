@@ -12,7 +12,9 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
+from mmke.backbones.greedy import greedy_settings
 from mmke.data.record import LazyImage, Prompt
 
 IGNORE_INDEX = -100
@@ -140,6 +142,11 @@ class Backbone(ABC):
 
     model: nn.Module
     family: str
+    tokenizer: PreTrainedTokenizerBase
+    pad_id: int
+    eos_id: int | None
+    image_token_id: int
+    _modules: EditableModules
 
     @property
     def device(self) -> torch.device:
@@ -150,8 +157,15 @@ class Backbone(ABC):
         return next(self.model.parameters()).dtype
 
     @property
-    @abstractmethod
-    def modules(self) -> EditableModules: ...
+    def modules(self) -> EditableModules:
+        """The editable modules by role (each adapter builds its ``LayerRoles`` once)."""
+        return self._modules
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The module that maps ``inputs_embeds`` to logits and ``generate``s from them: the
+        language model (BLIP-2, MiniGPT-4) or the whole model (LLaVA, Qwen2-VL)."""
+        return self.model
 
     @abstractmethod
     def encode(self, prompt: Prompt, append_eos: bool = False,
@@ -171,18 +185,65 @@ class Backbone(ABC):
         """Tokenize and pad ``prompts``; ``append_eos`` labels an end token after each target."""
         return self.collate([self.encode(p, append_eos) for p in prompts])
 
-    @abstractmethod
-    def embed(self, batch: ModelBatch) -> torch.Tensor:
-        """Joint [vision; text] input embeddings of the batch, as the language model consumes them."""
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Language-space features of each distinct image, [n_images, tokens, hidden]."""
+        raise NotImplementedError(f"{type(self).__name__} reads its images in image_rows")
 
-    @abstractmethod
+    def image_rows(self, batch: ModelBatch) -> torch.Tensor:
+        """The features of every image-token position of the batch, row-major, [n, hidden]. Each
+        distinct picture goes through the vision tower once, then to every row showing it;
+        ``image_token_mask`` is row-major and ``image_index`` in row order, so they line up."""
+        assert batch.pixel_values is not None
+        features = self.image_features(batch.pixel_values)[batch.image_index]
+        return features.reshape(-1, features.shape[-1])
+
+    def embedding_ids(self, batch: ModelBatch) -> torch.Tensor:
+        """The ids whose token embeddings ``embed`` starts from (image positions are replaced)."""
+        return batch.input_ids
+
+    def embed(self, batch: ModelBatch) -> torch.Tensor:
+        """Joint [vision; text] input embeddings of the batch, as the language model consumes
+        them: token embeddings with the image features scattered over the image tokens."""
+        embeds = self.decoder.get_input_embeddings()(self.embedding_ids(batch))
+        if batch.pixel_values is None:
+            return embeds
+        mask = batch.image_token_mask.unsqueeze(-1).expand_as(embeds)
+        return embeds.masked_scatter(mask, self.image_rows(batch).to(embeds.dtype))
+
+    def forward_inputs(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
+        """Extra inputs of the decoder's forward besides the embeddings and mask (Qwen2-VL's
+        M-RoPE positions)."""
+        return {}
+
     def forward(self, batch: ModelBatch, *, inputs_embeds: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> ForwardOutput:
         """One forward of the whole batch; ``inputs_embeds`` overrides ``embed(batch)``."""
+        embeds = self.embed(batch) if inputs_embeds is None else inputs_embeds
+        out = self.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                           output_hidden_states=output_hidden_states, use_cache=False,
+                           **self.forward_inputs(batch))
+        return ForwardOutput(out.logits, out.hidden_states if output_hidden_states else None)
 
-    @abstractmethod
+    @property
+    def stop_ids(self) -> int | list[int] | None:
+        """The token id(s) greedy decoding stops at."""
+        return self.eos_id
+
+    def answer_text(self, decoded: str) -> str:
+        """A decoded answer cut where the family ends an answer (see each adapter)."""
+        return decoded.strip()
+
+    @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 16) -> list[str]:
-        """Greedy answers to the prompts (targets are ignored)."""
+        """Greedy answers to the prompts, one left-padded batch, prompts encoded without their
+        targets; decoding stops at ``stop_ids`` and ``answer_text`` cuts each answer."""
+        encoded = [self.encode(p, with_target=False) for p in prompts]
+        batch = self.collate(encoded).to(self.device, self.dtype)
+        # with inputs_embeds only, generate returns the new tokens alone (no prompt ids to cut)
+        out = self.decoder.generate(inputs_embeds=self.embed(batch),
+                                    attention_mask=batch.attention_mask,
+                                    **greedy_settings(max_new_tokens, self.stop_ids, self.pad_id))
+        return [self.answer_text(t) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def ffn_keys(self, batch: ModelBatch, layers: Sequence[int], *,
                  inputs_embeds: torch.Tensor | None = None) -> dict[int, torch.Tensor]:

@@ -8,21 +8,19 @@ joint embeddings itself so that image and text-only rows share one padded forwar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from mmke.backbones.base import Backbone, EditableModules, EncodedPrompt, ForwardOutput, ModelBatch
+from mmke.backbones.base import EncodedPrompt
 from mmke.backbones.caches import PixelCache, TokenCache
-from mmke.backbones.encoding import (collate_left, distinct_images, encode_pair, expand_placeholder,
-                                     split_target)
-from mmke.backbones.greedy import greedy_settings
+from mmke.backbones.fixed import FixedImageTokens
+from mmke.backbones.encoding import encode_pair, expand_placeholder, split_target
 from mmke.backbones.roles import LayerRoles
 from mmke.backbones.weights import check_weights_path
-from mmke.data.record import LazyImage, Prompt
+from mmke.data.record import Prompt
 from mmke.devices import resolve_device, resolve_dtype
 
 LLAVA_PROMPT = "USER: <image>\n{} ASSISTANT:"
@@ -36,7 +34,7 @@ def llava_image_tokens(model: LlavaForConditionalGeneration) -> int:
     return patches + (1 if model.config.vision_feature_select_strategy == "full" else 0)
 
 
-class LlavaBackbone(Backbone):
+class LlavaBackbone(FixedImageTokens):
     """Adapter over a loaded LLaVA model, its tokenizer and CLIP image processor.
 
     ``prompt_format`` must contain the tokenizer's image placeholder (``<image>``) once;
@@ -73,17 +71,6 @@ class LlavaBackbone(Backbone):
         self._pixels = PixelCache(self._process_images, pixel_cache_size)
         self._token_ids = TokenCache(tokenizer)
 
-    @property
-    def modules(self) -> EditableModules:
-        return self._modules
-
-    def _process_images(self, images: list) -> torch.Tensor:
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-    def pixels(self, images: list[LazyImage]) -> torch.Tensor:
-        """Processed pixel values of ``images`` (cached by path), [n, channels, height, width]."""
-        return self._pixels.get(images)
-
     def encode(self, prompt: Prompt, append_eos: bool = False,
                with_target: bool = True) -> EncodedPrompt:
         fmt = self.prompt_format if prompt.image is not None else self.text_prompt_format
@@ -100,45 +87,10 @@ class LlavaBackbone(Backbone):
         return encode_pair(prefix, target, prompt.image, self.image_token_id,
                            self.num_image_tokens, where=f"{prompt.kind} prompt {text!r}")
 
-    def image_token_count(self, image: LazyImage) -> int:
-        return self.num_image_tokens
-
-    def collate(self, encoded: list[EncodedPrompt]) -> ModelBatch:
-        images, index = distinct_images(encoded)
-        pixels = self.pixels(images) if images else None
-        return collate_left(encoded, self.pad_id, self.image_token_id, pixels, index)
-
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected patch features of the configured vision layer, [n_images, tokens, hidden]."""
         features = self.model.model.get_image_features(pixel_values=pixel_values).pooler_output
         return torch.stack(list(features))
-
-    def embed(self, batch: ModelBatch) -> torch.Tensor:
-        embeds = self.model.get_input_embeddings()(batch.input_ids)
-        if batch.pixel_values is None:
-            return embeds
-        features = self.image_features(batch.pixel_values)[batch.image_index].to(embeds.dtype)
-        mask = batch.image_token_mask.unsqueeze(-1).expand_as(embeds)
-        return embeds.masked_scatter(mask, features.reshape(-1, features.shape[-1]))
-
-    def forward(self, batch: ModelBatch, *, inputs_embeds: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> ForwardOutput:
-        embeds = self.embed(batch) if inputs_embeds is None else inputs_embeds
-        out = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                         output_hidden_states=output_hidden_states, use_cache=False)
-        return ForwardOutput(out.logits, out.hidden_states if output_hidden_states else None)
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 16) -> list[str]:
-        """Greedy answers, one left-padded batch, prompts encoded without their targets;
-        decoding stops at the tokenizer's end token (LLaVA-1.5 ends its turn with ``</s>``)."""
-        encoded = [self.encode(p, with_target=False) for p in prompts]
-        batch = self.collate(encoded).to(self.device, self.dtype)
-        # with inputs_embeds only, generate returns the new tokens alone (no prompt ids to cut)
-        out = self.model.generate(inputs_embeds=self.embed(batch),
-                                  attention_mask=batch.attention_mask,
-                                  **greedy_settings(max_new_tokens, self.eos_id, self.pad_id))
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def load_llava(path: str | None, dtype: str = "float32", device: str = "auto",

@@ -12,7 +12,6 @@ the assistant marker (``###Assistant:``, a setting).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -22,13 +21,13 @@ from transformers import (AutoTokenizer, Blip2Config, Blip2QFormerModel, Blip2Vi
                           LlamaForCausalLM, PreTrainedTokenizerBase)
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from mmke.backbones.base import Backbone, EditableModules, EncodedPrompt, ForwardOutput, ModelBatch
+from mmke.backbones.base import EncodedPrompt, ModelBatch
 from mmke.backbones.caches import PixelCache, TokenCache
-from mmke.backbones.encoding import collate_left, distinct_images, encode_pair, split_target
-from mmke.backbones.greedy import greedy_settings
+from mmke.backbones.fixed import FixedImageTokens
+from mmke.backbones.encoding import encode_pair, split_target
 from mmke.backbones.roles import LayerRoles
 from mmke.backbones.weights import check_weights_path
-from mmke.data.record import LazyImage, Prompt
+from mmke.data.record import Prompt
 from mmke.devices import resolve_device, resolve_dtype
 from mmke.errors import WeightsNotFoundError
 
@@ -72,7 +71,7 @@ class MiniGPT4(nn.Module):
         return self.llama_proj(states)
 
 
-class MiniGPT4Backbone(Backbone):
+class MiniGPT4Backbone(FixedImageTokens):
     """Adapter over an assembled MiniGPT-4, Vicuna's tokenizer and BLIP-2's image processor."""
 
     family = "minigpt4"
@@ -108,15 +107,8 @@ class MiniGPT4Backbone(Backbone):
         self._token_ids = TokenCache(tokenizer)
 
     @property
-    def modules(self) -> EditableModules:
-        return self._modules
-
-    def _process_images(self, images: list) -> torch.Tensor:
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-    def pixels(self, images: list[LazyImage]) -> torch.Tensor:
-        """Processed pixel values of ``images`` (cached by path), [n, channels, height, width]."""
-        return self._pixels.get(images)
+    def decoder(self) -> nn.Module:
+        return self.model.language_model
 
     def encode(self, prompt: Prompt, append_eos: bool = False,
                with_target: bool = True) -> EncodedPrompt:
@@ -135,48 +127,20 @@ class MiniGPT4Backbone(Backbone):
         return encode_pair(prefix + after_ids, target, prompt.image, IMAGE_PLACEHOLDER_ID,
                            self.num_image_tokens, where=f"{prompt.kind} prompt {text!r}")
 
-    def image_token_count(self, image: LazyImage) -> int:
-        return self.num_image_tokens
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.image_features(pixel_values)
 
-    def collate(self, encoded: list[EncodedPrompt]) -> ModelBatch:
-        images, index = distinct_images(encoded)
-        pixels = self.pixels(images) if images else None
-        return collate_left(encoded, self.pad_id, IMAGE_PLACEHOLDER_ID, pixels, index)
+    def embedding_ids(self, batch: ModelBatch) -> torch.Tensor:
+        # the image placeholder is not a Vicuna token: embed padding there, then overwrite it
+        return batch.input_ids.masked_fill(batch.image_token_mask, self.pad_id)
 
-    def embed(self, batch: ModelBatch) -> torch.Tensor:
-        ids = batch.input_ids.masked_fill(batch.image_token_mask, self.pad_id)
-        embeds = self.model.get_input_embeddings()(ids)
-        if batch.pixel_values is None:
-            return embeds
-        features = self.model.image_features(batch.pixel_values)[batch.image_index]
-        mask = batch.image_token_mask.unsqueeze(-1).expand_as(embeds)
-        return embeds.masked_scatter(mask, features.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
-
-    def forward(self, batch: ModelBatch, *, inputs_embeds: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> ForwardOutput:
-        embeds = self.embed(batch) if inputs_embeds is None else inputs_embeds
-        out = self.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                        output_hidden_states=output_hidden_states, use_cache=False)
-        return ForwardOutput(out.logits, out.hidden_states if output_hidden_states else None)
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 16) -> list[str]:
-        """Greedy answers, one left-padded batch, prompts encoded without their targets.
-
-        Decoding stops at the tokenizer's end token; the answer is also cut where the next turn
-        begins ("###"), because MiniGPT-4's Vicuna ends its turn with the separator it was
-        trained on (its ``end_sym``), which its own chat code stops at and splits off. A prompt
-        without the assistant marker (EasyEdit's template) may be answered with the marker
-        first; it is dropped rather than read as the end of an empty answer."""
-        encoded = [self.encode(p, with_target=False) for p in prompts]
-        batch = self.collate(encoded).to(self.device, self.dtype)
-        # with inputs_embeds only, generate returns the new tokens alone (no prompt ids to cut)
-        out = self.model.language_model.generate(
-            inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask,
-            **greedy_settings(max_new_tokens, self.eos_id, self.pad_id))
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+    def answer_text(self, decoded: str) -> str:
+        """Cut where the next turn begins ("###"): MiniGPT-4's Vicuna ends its turn with the
+        separator it was trained on (its ``end_sym``), which its own chat code stops at and
+        splits off. A prompt without the assistant marker (EasyEdit's template) may be answered
+        with the marker first; it is dropped rather than read as the end of an empty answer."""
         marker = ASSISTANT_MARKER.strip()
-        return [t.strip().removeprefix(marker).split("###", 1)[0].strip() for t in texts]
+        return decoded.strip().removeprefix(marker).split("###", 1)[0].strip()
 
 
 def _safetensors_files(folder: Path) -> list[Path]:

@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from mmke.backbones.base import Backbone, EditableModules, EncodedPrompt, ForwardOutput, ModelBatch
+from mmke.backbones.base import Backbone, EncodedPrompt, ModelBatch
 from mmke.backbones.caches import TokenCache
 from mmke.backbones.encoding import collate_left, distinct_images, encode_pair, expand_placeholder
 from mmke.backbones.greedy import greedy_settings
@@ -114,7 +114,7 @@ class Qwen2VLBackbone(Backbone):
         # (Qwen2-VL-7B-Instruct's generation config: <|im_end|> and <|endoftext|>)
         declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         declared = declared if isinstance(declared, list) else [declared]
-        self.stop_ids = list(dict.fromkeys(
+        self._stop_ids = list(dict.fromkeys(
             t for t in (self.end_id, tokenizer.eos_token_id, *declared) if t is not None))
         inner = model.model
         self._modules = LayerRoles(inner.language_model.layers, ffn_in="mlp.up_proj",
@@ -125,8 +125,8 @@ class Qwen2VLBackbone(Backbone):
         self._token_ids = TokenCache(tokenizer)
 
     @property
-    def modules(self) -> EditableModules:
-        return self._modules
+    def stop_ids(self) -> list[int]:
+        return self._stop_ids
 
     def _process_images(self, images: list) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.image_processor(images=images, return_tensors="pt")
@@ -179,19 +179,16 @@ class Qwen2VLBackbone(Backbone):
             grid = torch.stack([g for _, g in processed])
         return collate_left(encoded, self.pad_id, self.image_token_id, pixel_values, index, grid)
 
-    def image_features(self, pixel_values: torch.Tensor,
-                       image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Merged (projected) features of each image, [tokens_i, hidden] per image, in order."""
+    def merged_features(self, pixel_values: torch.Tensor,
+                        image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Merged (projected) features of each image, [tokens_i, hidden] per image, in order
+        (dynamic resolution: the token count differs per image)."""
         return self.model.model.get_image_features(pixel_values, image_grid_thw).pooler_output
 
-    def embed(self, batch: ModelBatch) -> torch.Tensor:
-        embeds = self.model.get_input_embeddings()(batch.input_ids)
-        if batch.pixel_values is None:
-            return embeds
-        features = self.image_features(batch.pixel_values, batch.image_grid_thw)
-        rows = torch.cat([features[i] for i in batch.image_index.tolist()]).to(embeds.dtype)
-        mask = batch.image_token_mask.unsqueeze(-1).expand_as(embeds)
-        return embeds.masked_scatter(mask, rows)
+    def image_rows(self, batch: ModelBatch) -> torch.Tensor:
+        assert batch.pixel_values is not None and batch.image_grid_thw is not None
+        features = self.merged_features(batch.pixel_values, batch.image_grid_thw)
+        return torch.cat([features[i] for i in batch.image_index.tolist()])
 
     def position_ids(self, batch: ModelBatch) -> torch.Tensor:
         """M-RoPE positions [3, batch, seq] from the model's ``get_rope_index``: text tokens count
@@ -204,13 +201,8 @@ class Qwen2VLBackbone(Backbone):
             attention_mask=batch.attention_mask)
         return positions
 
-    def forward(self, batch: ModelBatch, *, inputs_embeds: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> ForwardOutput:
-        embeds = self.embed(batch) if inputs_embeds is None else inputs_embeds
-        out = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                         position_ids=self.position_ids(batch),
-                         output_hidden_states=output_hidden_states, use_cache=False)
-        return ForwardOutput(out.logits, out.hidden_states if output_hidden_states else None)
+    def forward_inputs(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
+        return {"position_ids": self.position_ids(batch)}
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 16) -> list[str]:

@@ -24,7 +24,7 @@ def other_image(world_dir) -> LazyImage:
 def test_image_prompt_layout_and_target_only_labels(random_tiny, image):
     b = random_tiny
     enc = b.encode(Prompt("Question: What colour is the square? Short answer:", "red", image))
-    q = b.num_query_tokens
+    q = b.num_image_tokens
     assert list(enc.input_ids[:q]) == [b.image_token_id] * q
     assert enc.input_ids[q] == b.bos_id
     target = b.tokenizer(" red", add_special_tokens=False)["input_ids"]
@@ -52,7 +52,7 @@ def test_mixed_batch_matches_each_prompt_alone(random_tiny, image, other_image):
                Prompt("Question: What? Short answer:", "blue square", other_image)]
     batch = b.prepare(prompts)
     assert batch.pixel_values.shape[0] == 2
-    assert batch.image_token_mask.sum(1).tolist() == [b.num_query_tokens, 0, b.num_query_tokens]
+    assert batch.image_token_mask.sum(1).tolist() == [b.num_image_tokens, 0, b.num_image_tokens]
     with torch.no_grad():
         joint = b.target_logits(batch, b.forward(batch).logits)
         alone = torch.cat([b.target_logits(one, b.forward(one).logits)

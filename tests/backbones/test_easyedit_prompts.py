@@ -34,7 +34,7 @@ def test_blip2_bos_token_setting(tmp_path):
     easyedit = Blip2Backbone(own.model, own.tokenizer, own.image_processor, bos_token=False)
     prompt = Prompt("Question: what? Short answer:", "red", _image(tmp_path))
     with_bos, without = own.encode(prompt).input_ids, easyedit.encode(prompt).input_ids
-    queries = own.num_query_tokens
+    queries = own.num_image_tokens
     assert with_bos[queries] == own.tokenizer.bos_token_id
     assert without == with_bos[:queries] + with_bos[queries + 1:]  # only the BOS is gone
     text_only = Prompt("nq question: where?", "here", None)

@@ -71,7 +71,7 @@ def test_minigpt4_assembles_from_its_three_sources(minigpt4_sources, checkpoint,
                                  reference.model.language_model.state_dict().items()):
         assert torch.equal(a, b), name
     assert logits(loaded, prompts).isfinite().all()
-    assert loaded.num_image_tokens == blip2.num_query_tokens
+    assert loaded.num_image_tokens == blip2.num_image_tokens
 
 
 def test_minigpt4_checkpoint_without_projection_keys_is_named(minigpt4_sources):

@@ -171,7 +171,7 @@ def test_embed_puts_image_features_at_image_tokens(qwen, image, other_image):
                        Prompt("Question: y Short answer:", "red", image)])
     with torch.no_grad():
         embeds = b.embed(batch)
-        features = b.image_features(batch.pixel_values, batch.image_grid_thw)
+        features = b.merged_features(batch.pixel_values, batch.image_grid_thw)
     torch.testing.assert_close(embeds[1][batch.image_token_mask[1]], features[1])
 
 
