@@ -144,7 +144,7 @@ def test_placeholders_raise_a_clear_error(group, name):
 def test_available_options_leave_out_placeholders():
     editors = available_options("editor")
     assert {"ft", "none"} <= set(editors)
-    assert "wise" not in editors and "more" not in editors
+    assert "wise" not in editors and "more" in editors and "mend" not in editors
     assert available_options("no_such_group") == []
 
 

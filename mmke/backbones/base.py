@@ -112,6 +112,15 @@ class EditableModules(ABC):
     @abstractmethod
     def vision_tower(self) -> nn.Module: ...
 
+    def projector_out(self) -> nn.Linear:
+        """The projector's last linear map, whose outputs are the language-space image features
+        (the whole projector for BLIP-2 and MiniGPT-4; the second linear of LLaVA's MLP and of
+        Qwen2-VL's merger). Closed-form editors of the projector (M-ORE) write this matrix."""
+        linears = [m for m in self.projector().modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("the projector has no linear map")
+        return linears[-1]
+
     def resolve_layer(self, i: int) -> int:
         """Python-style index (negative counts from the last layer) to an absolute layer index."""
         n = self.num_language_layers
