@@ -36,7 +36,11 @@ SETTINGS = [dict(L2=0.1), dict(L2=0.01), dict(L2=0.1, layers=[1, 2, 3]), dict(L2
             dict(L2=1.0), dict(L2=0.1, v_lr=0.1),
             dict(L2=0.01, layers=[0, 1, 2]), dict(L2=0.1, layers=[0, 1, 2], clamp_norm_factor=1.5),
             dict(L2=0.01, layers=[0, 1, 2], clamp_norm_factor=1.5, v_steps=40),
-            dict(L2=0.01, layers=[1, 2])]
+            dict(L2=0.01, layers=[1, 2]), dict(L2=1e-3, layers=[1, 2]),
+            dict(L2=1e-3, layers=[1, 2], clamp_norm_factor=1.5, v_steps=40),
+            dict(L2=0.01, layers=[1, 2], clamp_norm_factor=1.5, v_steps=40),
+            dict(L2=0.01, layers=[1, 2], clamp_norm_factor=3.0, v_steps=40, v_weight_decay=0.1),
+            dict(L2=0.01, layers=[0, 1, 2], clamp_norm_factor=1.5, v_steps=40)]
 METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 
 
