@@ -1,0 +1,84 @@
+"""AlphaEdit's per-family settings, chosen on the TRAIN split (issue 12). Prints; asserts nothing.
+
+    python benchmarks/alphaedit_settings.py [--backbone tiny_blip2] [--data mini_vqa] [--edits 30]
+                                            [--stream 20] [--k0 1000]
+
+For each candidate setting (``SETTINGS``, on top of the composed ``editor=alphaedit
+backbone=<family>`` config): ``--edits`` single edits of train records, then one sequential
+stream of ``--stream`` of them, each scored by the real evaluator on the train records' own
+prompts (Rel, T-Gen, M-Gen, T-Loc, M-Loc), with the time per edit and the null-space dimension
+per layer. K0 is built from ``--k0`` other train records (the edited ones are held out of it).
+Eval records are never edited or scored here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.spine import load  # noqa: E402
+from mmke.config import build  # noqa: E402
+from mmke.evaluation.evaluator import Evaluator  # noqa: E402
+from mmke.evaluation.spec import MetricSpec  # noqa: E402
+from mmke.protocols.sequential import Sequential  # noqa: E402
+from mmke.protocols.single import SingleEdit  # noqa: E402
+from tests.conftest import compose_config  # noqa: E402
+
+SETTINGS = [dict(L2=0.1), dict(L2=0.01), dict(L2=0.1, layers=[1, 2, 3]), dict(L2=0.1, layers=[0, 1, 2]),
+            dict(L2=0.1, nullspace_threshold=1e-3), dict(L2=0.1, nullspace_threshold=1e-1),
+            dict(L2=1.0), dict(L2=0.1, v_lr=0.1),
+            dict(L2=0.01, layers=[0, 1, 2]), dict(L2=0.1, layers=[0, 1, 2], clamp_norm_factor=1.5),
+            dict(L2=0.01, layers=[0, 1, 2], clamp_norm_factor=1.5, v_steps=40),
+            dict(L2=0.01, layers=[1, 2]), dict(L2=1e-3, layers=[1, 2]),
+            dict(L2=1e-3, layers=[1, 2], clamp_norm_factor=1.5, v_steps=40),
+            dict(L2=0.01, layers=[1, 2], clamp_norm_factor=1.5, v_steps=40),
+            dict(L2=0.01, layers=[1, 2], clamp_norm_factor=3.0, v_steps=40, v_weight_decay=0.1),
+            dict(L2=0.01, layers=[0, 1, 2], clamp_norm_factor=1.5, v_steps=40)]
+METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
+
+
+def mean_row(rows: list[dict]) -> str:
+    return "  ".join(f"{m} {sum(r[m] for r in rows) / len(rows):5.1f}" for m in METRICS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="tiny_blip2")
+    parser.add_argument("--data", default="mini_vqa")
+    parser.add_argument("--edits", type=int, default=30)
+    parser.add_argument("--stream", type=int, default=20)
+    parser.add_argument("--k0", type=int, default=1000)
+    parser.add_argument("--only", type=int, nargs="*", help="indices of SETTINGS to run")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    backbone, source = load([f"backbone={args.backbone}", f"data={args.data}"])
+    train = source.records("train")
+    edited, rest = train[-args.edits:], train[:-args.edits]
+    node = compose_config(["editor=alphaedit", f"backbone={args.backbone}"]).editor
+    evaluator = Evaluator(MetricSpec(), source.templates)
+    chosen = args.only if args.only else range(len(SETTINGS))
+    for index in chosen:
+        setting = SETTINGS[index]
+        editor = build(node, k0_records=args.k0, k0_data=[], progress=False, **setting)
+        editor.attach(backbone, source.templates, train_records=lambda: rest)
+        null = {layer: int(torch.linalg.matrix_rank(p)) for layer, p in editor.projectors.items()}
+        start = time.perf_counter()
+        single = SingleEdit().run(editor, evaluator, edited, sink=lambda row: None,
+                                  progress=False)
+        per_edit = (time.perf_counter() - start) / len(edited)
+        stream = Sequential(T=args.stream).run(editor, evaluator, edited[:args.stream],
+                                               sink=lambda row: None, progress=False)
+        print(f"[{index}] {str(setting) or 'default':34} single: {mean_row(single)}  "
+              f"({per_edit * 1000:.0f} ms/edit; null dims {null})", flush=True)
+        print(f"{'':39} stream: {mean_row(stream)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
