@@ -1,0 +1,55 @@
+"""Every editor's ``restore()`` is bit-identical after a stream of 100 edits (issue 12): weights,
+hooks and outputs, on the tiny BLIP-2 with the settings ``editor=<name> backbone=tiny_blip2``
+composes. Edits are cut short (few optimisation steps): undoing them exactly does not depend on
+how well they edit, and 100 full edits of every editor would cost CI minutes. M-ORE's 100-edit
+case is in test_more.py (it also checks its frozen basis)."""
+
+import pytest
+import torch
+
+from mmke.config import build
+from mmke.data.prompts import edit_prompts
+from mmke.sweep.fingerprint import hook_count
+from tests.conftest import compose_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: per editor: overrides that keep 100 edits short (a few steps each)
+SHORT = {
+    "ft": {"steps": 2},
+    "ft_l": {"steps": 2},
+    "ft_m": {"steps": 2},
+    "grace": {"steps": 2},
+    "tpatcher": {"steps": 2, "memory_prompts": 5},
+    "alphaedit": {"v_steps": 2, "k0_records": 300, "progress": False},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHORT))
+def test_restore_is_bit_identical_after_100_edits(name, pretrained, vqa_source):
+    train = vqa_source.records("train")
+    editor = build(compose_config([f"editor={name}", "backbone=tiny_blip2"]).editor,
+                   **SHORT[name])
+    editor.attach(pretrained, vqa_source.templates, train_records=lambda: train)
+    model = pretrained.model
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hooks = hook_count(model)
+    stream = train[-100:]
+    # unrelated prompts, and the stream's last edits (a memory editor changes only those)
+    probe = pretrained.prepare([p for r in vqa_source.records("eval", limit=4)
+                                for p in edit_prompts(r, vqa_source.templates)]
+                               + [edit_prompts(r, vqa_source.templates)[0] for r in stream[-4:]])
+    with torch.no_grad():
+        reference = editor.forward(probe).logits
+    try:
+        for record in stream:
+            editor.edit([record])
+        with torch.no_grad():
+            assert not torch.equal(editor.forward(probe).logits, reference)  # it edited
+    finally:
+        editor.restore()
+    after = model.state_dict()
+    assert [k for k, v in before.items() if not torch.equal(after[k], v)] == []
+    assert hook_count(model) == hooks
+    with torch.no_grad():
+        assert torch.equal(editor.forward(probe).logits, reference)
