@@ -1,4 +1,6 @@
-"""Every editor's ``restore()`` is bit-identical after a stream of 100 edits (issue 12): weights,
+"""Every editor over long streams and under the online protocol.
+
+``restore()`` is bit-identical after a stream of 100 edits (issue 12): weights,
 hooks and outputs, on the tiny BLIP-2 with the settings ``editor=<name> backbone=tiny_blip2``
 composes. Edits are cut short (few optimisation steps): undoing them exactly does not depend on
 how well they edit, and 100 full edits of every editor would cost CI minutes. M-ORE's 100-edit
@@ -9,6 +11,9 @@ import torch
 
 from mmke.config import build
 from mmke.data.prompts import edit_prompts
+from mmke.evaluation.evaluator import Evaluator
+from mmke.evaluation.spec import MetricSpec
+from mmke.protocols.online import Online
 from mmke.sweep.fingerprint import hook_count
 from tests.conftest import compose_config
 
@@ -53,3 +58,21 @@ def test_restore_is_bit_identical_after_100_edits(name, pretrained, vqa_source):
     assert hook_count(model) == hooks
     with torch.no_grad():
         assert torch.equal(editor.forward(probe).logits, reference)
+
+
+@pytest.mark.parametrize("name", sorted({*SHORT, "more"}))
+def test_every_editor_runs_the_online_protocol(name, pretrained, vqa_source):
+    """M-ORE's protocol with each editor: per-step and end-of-stream scores for every edit, then
+    the model back as it was."""
+    train = vqa_source.records("train")
+    editor = build(compose_config([f"editor={name}", "backbone=tiny_blip2"]).editor,
+                   **SHORT.get(name, {}))
+    editor.attach(pretrained, vqa_source.templates, train_records=lambda: train)
+    before = {k: v.detach().clone() for k, v in pretrained.model.state_dict().items()}
+    evaluator = Evaluator(MetricSpec(locality="kl", loc_positions="first"), vqa_source.templates)
+    rows = Online(T=3).run(editor, evaluator, vqa_source.records("eval", limit=3),
+                           lambda row: None, False)
+    assert [r["position"] for r in rows] == [0, 1, 2]
+    assert all(r[m] is not None for r in rows for m in ("rel", "m_loc", "rel_final", "m_loc_final"))
+    after = pretrained.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
