@@ -17,10 +17,12 @@ over tokens; it also passes both outputs through the FFN's activation function, 
 does not, so we follow the paper). An input whose score is below every memory's threshold ε_m
 goes through the main memory; otherwise through the memory with the largest score.
 
-A forward pre-hook on the decoder reads each call's attention mask, so the router knows every
-row's attended tokens in teacher-forced scoring, in generation and in a regularizer's own
-forwards alike. In KV-cached generation the first call holds the whole prompt; the later calls
-add one token per row and keep the prompt's decision (as GRACE's decoding steps do).
+A forward pre-hook on the decoder reads each call's attention mask (all tokens when generation
+leaves it out), so the router knows every row's attended tokens in teacher-forced scoring, in
+generation and in a regularizer's own forwards alike. In KV-cached generation the first call
+holds the whole prompt; the later calls (tokens already in the cache) add one token per row and
+keep the prompt's decision, as GRACE's decoding steps do. So a generated answer is routed on its
+prompt, a teacher-forced one on prompt and target tokens.
 """
 
 from __future__ import annotations
@@ -92,12 +94,30 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
 
 @dataclass
 class _Call:
-    """The decoder call in progress: its attention mask and each row's routing decision."""
+    """The decoder call in progress: which of its tokens are attended, whether it continues a
+    KV-cached prompt, and each row's routing decision."""
 
-    attention_mask: torch.Tensor | None = None
+    #: [rows, tokens of this call] bool
+    attended: torch.Tensor | None = None
+    continuation: bool = False
     #: per row: index into the routed memories, −1 for the main memory
     route: torch.Tensor | None = None
     routed: list[SideMemory] = field(default_factory=list)
+
+
+def _call_tokens(kwargs: dict) -> torch.Tensor:
+    """The tokens a decoder call was given (embeddings on a prompt, ids on a decoding step)."""
+    for name in ("inputs_embeds", "input_ids"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    raise RuntimeError("WISE's router found neither inputs_embeds nor input_ids in the "
+                       "decoder's call")
+
+
+def _cached_length(kwargs: dict) -> int:
+    """Tokens already in the call's KV cache (0 for a forward without one)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
 
 
 class MemoryRouter:
@@ -133,21 +153,28 @@ class MemoryRouter:
         self.force, self.candidates, self.last_scores = None, [], None
 
     def _read_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._call.attention_mask = kwargs.get("attention_mask")
+        """Which tokens of this call are attended. Generation leaves the mask out when no row
+        is padded; a decoding step's mask covers the cache too, so only its tail is this call's."""
+        tokens = _call_tokens(kwargs)
+        rows, seq = tokens.shape[:2]
+        mask = kwargs.get("attention_mask")
+        attended = (torch.ones(rows, seq, dtype=torch.bool, device=tokens.device)
+                    if mask is None else mask[:, -seq:].bool())
+        self._call.attended = attended
+        self._call.continuation = _cached_length(kwargs) > 0
 
     def _write(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        mask = self._call.attention_mask
-        if mask is None:
+        attended = self._call.attended
+        if attended is None:
             raise RuntimeError("WISE's router reads the attention mask of the decoder's call; "
                                "the FFN ran outside a decoder forward")
-        rows = mask.shape[0]
+        rows = attended.shape[0]
         keys = args[0].reshape(rows, -1, args[0].shape[-1])      # OPT flattens [batch, seq]
-        base = self.ffn_out.weight
         if self.force is not None:
-            extra = F.linear(keys.float(), self.force.delta(base))
+            extra = F.linear(keys.float(), self.force.delta(self.ffn_out.weight))
             return output + extra.reshape(output.shape).to(output.dtype)
-        if keys.shape[1] == mask.shape[1]:
-            self._route(keys, mask.bool())
+        if not self._call.continuation:
+            self._route(keys, attended)
         elif self._call.route is None or len(self._call.route) != rows:
             raise RuntimeError("a KV-cached step of WISE's router came without its prompt's call")
         return self._apply(keys, output)

@@ -288,6 +288,7 @@ class WISE(Editor):
         if self.n_edits % self.merge_freq == 0:
             self.merge()
             outcome.extra["merged"] = 1.0
+        self._sync_router()  # the next edit of this call starts from the routed model
 
     @torch.no_grad()
     def merge(self) -> None:
