@@ -326,6 +326,9 @@ class WISE(Editor):
         """Per side memory and prompt (with its target): Δ_act and whether it exceeds the
         memory's threshold, [memories, prompts] each (for inspection and the tests)."""
         assert self.backbone is not None
+        if not self.memories:
+            empty = torch.zeros(0, len(prompts))
+            return empty, empty.bool()
         keys = self._keys(self.backbone.prepare(prompts))
         scores = torch.stack([keys.scores(m.delta(self._base).detach()) for m in self.memories])
         eps = scores.new_tensor([self.threshold(m) for m in self.memories])[:, None]
