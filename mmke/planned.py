@@ -1,7 +1,7 @@
 """Placeholders for the methods the papers' tables use that mmke does not implement yet.
 
-A placeholder config (``conf/editor/wise.yaml``, ``conf/reg/odedit.yaml``, ...) points its
-``_target_`` here, so ``python run.py editor=wise`` composes, then stops with a message that
+A placeholder config (``conf/editor/mend.yaml``, ``conf/editor/unike.yaml``, ...) points its
+``_target_`` here, so ``python run.py editor=mend`` composes, then stops with a message that
 names the method, the tables that need it, and the options that do work (exit code 2).
 """
 
@@ -33,7 +33,7 @@ def available_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
 
 def planned(kind: str, name: str, paper: str, method: str = "", group: str | None = None,
             **_ignored: Any) -> NoReturn:
-    """Raise: ``kind=name`` (e.g. ``editor=wise``) is a placeholder.
+    """Raise: ``kind=name`` (e.g. ``editor=mend``) is a placeholder.
 
     ``paper`` says which tables need it, ``method`` the method's full name and citation,
     ``group`` the config folder (default: ``kind``). Every other keyword (the editor's

@@ -27,6 +27,8 @@ SHORT = {
     "grace": {"steps": 2},
     "tpatcher": {"steps": 2, "memory_prompts": 5},
     "alphaedit": {"v_steps": 2, "k0_records": 300, "progress": False},
+    # shards of 10 edits, merged every 20: the stream builds, closes and merges side memories
+    "wise": {"steps": 2, "irrelevant_prompts": 5, "save_freq": 10, "merge_freq": 20},
 }
 
 
