@@ -17,9 +17,10 @@ from mmke.config import build
 from mmke.data.mmedit import check_images
 from mmke.distributed import Processes
 from mmke.evaluation.evaluator import Evaluator
+from mmke.evaluation.probe_sets import load_probe_set
 from mmke.results.identity import HASH_KEY, config_hash, find_finished_run
 from mmke.results.run_folder import SUMMARY_FILE, RunWriter
-from mmke.summary import summarize, summary_table
+from mmke.summary import probe_lines, summarize, summarize_probes, summary_table
 from mmke.sweep.job import JobContext
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | No
     with processes.main_first():
         backbone, reused = job.load_backbone(cfg.backbone, processes.placement(cfg.backbone))
     seed_everything(int(cfg.seed))  # the same random state whether loaded or reused
-    evaluator = Evaluator(build(cfg.eval), source.templates)
+    spec = build(cfg.eval)
+    # probe files are read (and checked) before any edit; their images load lazily, per batch
+    evaluator = Evaluator(spec, source.templates, load_probe_set(spec, source, source.templates))
     logger = build(cfg.logger)
     train_split: list = []
 
@@ -102,18 +105,25 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | No
         if processes.is_main:
             logger.log_edit(row["index"], row)
 
+    probes: list[dict] = []  # this process's probe rows; written after the gather, in order
     # the others load after the main process (main_first): start the clock when all are ready,
     # so loop_s times the edit loop alone, not the main process waiting for a late start
     processes.barrier()
     loop_start = time.perf_counter()
-    own = protocol.run(editor, evaluator, mine, sink, progress=bool(cfg.progress), start=first)
-    shards = processes.gather({"rows": own, "forwards": evaluator.forwards})
+    own = protocol.run(editor, evaluator, mine, sink, progress=bool(cfg.progress), start=first,
+                       probe_sink=probes.append)
+    shards = processes.gather({"rows": own, "forwards": evaluator.forwards, "probes": probes})
     loop_s = time.perf_counter() - loop_start
     for shard in shards[1:]:  # shards are contiguous in rank order: the main process's is first
         for row in shard["rows"]:
             sink(row)
     rows = [row for shard in shards for row in shard["rows"]]
+    probe_rows = [row for shard in shards for row in shard["probes"]]
+    for row in probe_rows:
+        writer.add_probe(row)
     summary = summarize(rows, time.perf_counter() - start, sum(s["forwards"] for s in shards))
+    if evaluator.probes is not None:
+        summary["probes"] = {"set": evaluator.probes.name, **summarize_probes(probe_rows)}
     summary["n_processes"] = processes.world_size
     summary["cost"]["loop_s"] = loop_s  # the edit loop alone, without building and loading
     summary[HASH_KEY] = identity  # what a resumed sweep matches finished runs by
@@ -133,6 +143,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | No
         label += f" (leaky: {','.join(summary['leaked'])})"
     table = summary_table(summary, label)
     print(table.to_string(float_format=lambda v: f"{v:.2f}"))
+    if "probes" in summary:
+        print(f"probes ({summary['probes']['set']}, accuracy %, unedited -> end of stream):")
+        print("\n".join(probe_lines(summary["probes"])))
     if summary["n_failed"]:
         print(f"{summary['n_failed']} of {summary['n_edits']} edits failed (non-finite loss); "
               "see the 'message' field in edits.jsonl")

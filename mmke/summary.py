@@ -55,6 +55,45 @@ def summarize(rows: Sequence[dict], wall_s: float, eval_forwards: int) -> dict:
     return summary
 
 
+def summarize_probes(rows: Sequence[dict]) -> dict:
+    """General-capability probes in the summary: per category, ``accuracy`` (and MME's
+    ``mme_score`` where the set has it) of the unedited model (``*_before``) and at the end of
+    the streams (``*_end``: the last probe of each stream, mean over streams; absent for the
+    single protocol, which probes before editing only)."""
+    before = [r for r in rows if r["edits"] == 0]
+    last: dict[object, int] = {}
+    for r in rows:
+        if r["stream"] is not None:
+            last[r["stream"]] = max(last.get(r["stream"], 0), r["edits"])
+    end = [r for r in rows if r["stream"] is not None and r["edits"] == last[r["stream"]]]
+    out: dict = {}
+    for name, chosen in (("before", before), ("end", end)):
+        for field in ("accuracy", "mme_score"):
+            by_category: dict[str, list] = {}
+            for r in chosen:
+                by_category.setdefault(r["category"], []).append(r.get(field))
+            means = {c: _mean(v) for c, v in by_category.items()}
+            if any(v is not None for v in means.values()):
+                out[f"{field}_{name}"] = means
+    return out
+
+
+def probe_lines(probes: dict) -> list[str]:
+    """The summary's probe accuracies as short lines for the console (before -> end)."""
+    before, end = probes.get("accuracy_before", {}), probes.get("accuracy_end", {})
+    lines = []
+    for category in dict.fromkeys([*before, *end]):
+        text = f"  {category}: {_fmt(before.get(category))}"
+        if end:
+            text += f" -> {_fmt(end.get(category))}"
+        lines.append(text)
+    return lines
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def summary_table(summary: dict, label: str) -> pd.DataFrame:
     """One-row table with the papers' column names."""
     # the five always, unless the run scored generated answers only (eval.mode=generate)

@@ -58,9 +58,10 @@ class EditRecord:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-# "port": VLKEB one-hop portability; "loc_*": DE-VQA's locality sets (see mmke.data.prompts).
+# "port": VLKEB one-hop portability; "loc_*": DE-VQA's locality sets (see mmke.data.prompts);
+# "probe": a general-capability probe (mmke.evaluation.probes).
 PromptKind = Literal["rel", "t_gen", "m_gen", "t_loc", "m_loc", "orig", "port",
-                     "loc_same_image", "loc_similar_image", "loc_no_image"]
+                     "loc_same_image", "loc_similar_image", "loc_no_image", "probe"]
 
 
 @dataclass(frozen=True)

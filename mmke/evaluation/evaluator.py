@@ -24,6 +24,7 @@ from mmke.evaluation import metrics
 from mmke.evaluation.answers import answer_exact, answer_f1
 from mmke.evaluation.generation import Generates, generate_answers
 from mmke.evaluation.names import (METRIC_KEYS, PORT, f1_key, greedy_key, locality_set_key)
+from mmke.evaluation.probes import ProbeSet, score_categories
 from mmke.evaluation.scoring import Need, PromptOutput, score_prompts
 from mmke.evaluation.spec import MetricSpec
 
@@ -57,12 +58,18 @@ def _mean(values: list[float]) -> float | None:
 
 
 class Evaluator:
-    """Scores records against a model state; counts its forwards (for the benchmark)."""
+    """Scores records against a model state; counts its forwards (for the benchmark).
 
-    def __init__(self, spec: MetricSpec, templates: PromptTemplates) -> None:
+    ``probes``: the general-capability probe set (``eval.probes``), scored by ``probe``; its
+    forwards are counted apart (``probe_forwards``), so ``forwards`` stays the edits' cost."""
+
+    def __init__(self, spec: MetricSpec, templates: PromptTemplates,
+                 probes: ProbeSet | None = None) -> None:
         self.spec = spec
         self.templates = templates
+        self.probes = probes
         self.forwards = 0
+        self.probe_forwards = 0
         self.generations = 0
 
     def items(self, record: EditRecord, part: Part = "main") -> list[Item]:
@@ -90,16 +97,32 @@ class Evaluator:
         return Need(item.k, item.locality and self.spec.locality == "kl")
 
     def _score(self, forward: Callable[[ModelBatch], ForwardOutput], backbone: Backbone,
-               items: list[Item]) -> list[PromptOutput]:
+               items: list[Item], probe: bool = False) -> list[PromptOutput]:
         """Teacher-forced outputs of ``items``, ``batch_size`` prompts per forward."""
         out: list[PromptOutput] = []
         step = self.spec.batch_size
         for start in range(0, len(items), step):
             chunk = items[start:start + step]
-            self.forwards += 1
+            if probe:
+                self.probe_forwards += 1
+            else:
+                self.forwards += 1
             out += score_prompts(forward, backbone, [i.prompt for i in chunk],
                                  [self._need(i) for i in chunk], self.spec.loc_positions)
         return out
+
+    def probe(self, editor: Editor) -> list[dict]:
+        """The probe set's rows (``mmke.evaluation.probes.PROBE_FIELDS``, one per category) on
+        the model state ``editor`` holds now, read as ``evaluate`` reads it (prompt editors'
+        rewrites, routing editors' forward); a probe is right on an exact match of its answer."""
+        if self.probes is None:
+            return []
+        assert editor.backbone is not None
+        prompts = editor.prepare_prompts(self.probes.prompts)
+        outputs = self._score(editor.forward, editor.backbone,
+                              [Item("probe", p) for p in prompts], probe=True)
+        return score_categories(self.probes,
+                                [metrics.exact_match(o.target_correct) == 1.0 for o in outputs])
 
     def _generate(self, model: Generates, prompts: list[Prompt]) -> list[str]:
         """Greedy answers of ``model`` to ``prompts``, ``batch_size`` prompts per generation."""

@@ -20,6 +20,9 @@ LOCALITY = ("topk", "kl")
 #: ``first``     the first answer position: the next-token distribution after the prompt (M-ORE).
 POSITIONS = ("easyedit", "text", "target", "first")
 MODES = ("teacher_forced", "generate", "both")
+#: General-capability probe sets (``mmke.evaluation.probe_sets``): none, the mini world's
+#: MME-style sets, or MME's released folder (``probes_root``).
+PROBE_SETS = ("none", "miniworld", "mme")
 LOCALITY_SET_NAMES = LOCALITY_SETS
 
 
@@ -32,7 +35,12 @@ class MetricSpec:
     locality prompts to score as well (``LOCALITY_SET_NAMES``). ``port_edit``: VLKEB's one-hop
     protocol, in which Port. is scored after a second, text-only edit of the record's
     ``port_edit_q`` -> ``port_edit_a`` (single-edit protocol only); off, Port. is scored on the
-    model of the main edit, with the other metrics."""
+    model of the main edit, with the other metrics.
+
+    ``probes``: general-capability probes (M-ORE Figure 5) on the unedited model and, in stream
+    protocols, after every ``probes_every`` edits of a stream (0: at its end only) and at its
+    end; ``probes_limit`` questions per category at most (0: all); ``probes_root``: MME's folder
+    for ``probes=mme``; ``probes_categories``: which categories (empty: all)."""
 
     accuracy: Literal["token", "exact"] = "token"
     locality: Literal["topk", "kl"] = "topk"
@@ -44,6 +52,11 @@ class MetricSpec:
     max_new_tokens: int = 16
     locality_sets: Sequence[str] = field(default_factory=tuple)
     port_edit: bool = False
+    probes: Literal["none", "miniworld", "mme"] = "none"
+    probes_every: int = 0
+    probes_limit: int = 0
+    probes_root: str | None = None
+    probes_categories: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.loc_positions == "all":
@@ -53,7 +66,8 @@ class MetricSpec:
         for name, value, allowed in (("accuracy", self.accuracy, ACCURACY),
                                      ("locality", self.locality, LOCALITY),
                                      ("loc_positions", self.loc_positions, POSITIONS),
-                                     ("mode", self.mode, MODES)):
+                                     ("mode", self.mode, MODES),
+                                     ("probes", self.probes, PROBE_SETS)):
             check_choice(f"eval.{name}", value, allowed)
         if self.t_loc_k < 1 or self.m_loc_k < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("eval.t_loc_k, eval.m_loc_k, eval.batch_size and "
@@ -63,6 +77,13 @@ class MetricSpec:
             raise ConfigError(f"eval.locality_sets: unknown set(s) {unknown}; known: "
                               f"{list(LOCALITY_SET_NAMES)}")
         object.__setattr__(self, "locality_sets", tuple(self.locality_sets))
+        if self.probes_every < 0 or self.probes_limit < 0:
+            raise ConfigError("eval.probes_every and eval.probes_limit must be >= 0 (0: probe at "
+                              "the end of each stream only / every probe of a category)")
+        if self.probes == "mme" and not self.probes_root:
+            raise ConfigError("eval.probes=mme needs eval.probes_root: the folder of MME's "
+                              "release, one folder per category (existence/, count/, OCR/, ...)")
+        object.__setattr__(self, "probes_categories", tuple(self.probes_categories))
 
     @property
     def teacher_forced(self) -> bool:

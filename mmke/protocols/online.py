@@ -23,7 +23,7 @@ from mmke.data.record import EditRecord
 from mmke.editors.base import EditOutcome, Editor
 from mmke.evaluation.evaluator import Evaluator, LocalityReference
 from mmke.evaluation.names import final_key
-from mmke.protocols.base import EditRow, EditSink, Protocol
+from mmke.protocols.base import EditRow, EditSink, ProbeSink, Protocol
 
 
 class Online(Protocol):
@@ -31,26 +31,28 @@ class Online(Protocol):
         super().__init__(name, T)
 
     def run(self, editor: Editor, evaluator: Evaluator, records: Sequence[EditRecord],
-            sink: EditSink, progress: bool = True, *, start: int = 0) -> list[dict]:
+            sink: EditSink, progress: bool = True, *, start: int = 0,
+            probe_sink: ProbeSink | None = None) -> list[dict]:
         assert editor.backbone is not None
         self._check_streams(records, evaluator)
         initial = evaluator.references(editor.backbone, records)  # θ_0, for the final scores
+        self._probe_before(editor, evaluator, probe_sink, start)
         rows = []
         with self._bar(len(records), f"{editor.name}: online T={self.T}", progress) as bar:
             for first in range(0, len(records), self.T):
                 stream = records[first:first + self.T]
                 rows += self._stream(editor, evaluator, stream, initial[first:first + self.T],
-                                     start + first, sink, bar.update)
+                                     start + first, sink, bar.update, probe_sink)
         return rows
 
     def _stream(self, editor: Editor, evaluator: Evaluator, stream: Sequence[EditRecord],
                 initial: Sequence[LocalityReference], first: int, sink: EditSink,
-                advance: Callable[[], object]) -> list[dict]:
+                advance: Callable[[], object], probe_sink: ProbeSink | None = None) -> list[dict]:
         """Edit and score one stream; ``first`` is the run-wide index of its first record."""
         outcomes: list[EditOutcome] = []
         step: list[dict | None] = []
         eval_s: list[float] = []
-        for record in stream:
+        for pos, record in enumerate(stream):
             (before,), ref_s = self._timed(lambda: evaluator.references_now(editor, [record]))
             outcome = editor.edit([record])
             metrics, score_s = None, 0.0
@@ -60,6 +62,7 @@ class Online(Protocol):
             outcomes.append(outcome)
             step.append(metrics)
             eval_s.append(ref_s + score_s)
+            self._probe_after_edit(editor, evaluator, probe_sink, index=first + pos, position=pos)
             advance()
         ok = [i for i, o in enumerate(outcomes) if o.ok]
         final, final_s = self._timed(lambda: evaluator.evaluate(

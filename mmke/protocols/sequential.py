@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from mmke.data.record import EditRecord
 from mmke.editors.base import EditOutcome, Editor
 from mmke.evaluation.evaluator import Evaluator
-from mmke.protocols.base import EditRow, EditSink, Protocol
+from mmke.protocols.base import EditRow, EditSink, ProbeSink, Protocol
 
 
 class Sequential(Protocol):
@@ -17,17 +17,21 @@ class Sequential(Protocol):
         super().__init__(name, T)
 
     def run(self, editor: Editor, evaluator: Evaluator, records: Sequence[EditRecord],
-            sink: EditSink, progress: bool = True, *, start: int = 0) -> list[dict]:
+            sink: EditSink, progress: bool = True, *, start: int = 0,
+            probe_sink: ProbeSink | None = None) -> list[dict]:
         assert editor.backbone is not None
         self._check_streams(records, evaluator)
         refs = evaluator.references(editor.backbone, records)
+        self._probe_before(editor, evaluator, probe_sink, start)
         rows = []
         with self._bar(len(records), f"{editor.name}: sequential T={self.T}", progress) as bar:
             for first in range(0, len(records), self.T):
                 chunk = records[first:first + self.T]
                 outcomes: list[EditOutcome] = []
-                for record in chunk:
+                for pos, record in enumerate(chunk):
                     outcomes.append(editor.edit([record]))
+                    self._probe_after_edit(editor, evaluator, probe_sink,
+                                           index=start + first + pos, position=pos)
                     bar.update()
                 ok = [i for i, o in enumerate(outcomes) if o.ok]
                 metrics, eval_s = self._timed(lambda: evaluator.evaluate(

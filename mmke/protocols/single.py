@@ -9,7 +9,7 @@ from mmke.editors.base import Editor
 from mmke.data.prompts import port_edit_requests
 from mmke.evaluation.evaluator import Evaluator, LocalityReference
 from mmke.evaluation.names import PORT
-from mmke.protocols.base import EditRow, EditSink, Protocol
+from mmke.protocols.base import EditRow, EditSink, ProbeSink, Protocol
 
 
 class SingleEdit(Protocol):
@@ -20,9 +20,11 @@ class SingleEdit(Protocol):
         super().__init__(name, T)
 
     def run(self, editor: Editor, evaluator: Evaluator, records: Sequence[EditRecord],
-            sink: EditSink, progress: bool = True, *, start: int = 0) -> list[dict]:
+            sink: EditSink, progress: bool = True, *, start: int = 0,
+            probe_sink: ProbeSink | None = None) -> list[dict]:
         assert editor.backbone is not None
         refs = evaluator.references(editor.backbone, records)  # unedited model, once per record
+        self._probe_before(editor, evaluator, probe_sink, start)  # and never again: see Protocol
         rows = []
         with self._bar(len(records), f"{editor.name}: single edits", progress) as bar:
             for i, (record, ref) in enumerate(zip(records, refs)):

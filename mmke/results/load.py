@@ -1,6 +1,7 @@
 """Read run folders back into tidy pandas tables.
 
-``load_runs`` gives one row per edit, ``load_summaries`` one row per run; both add the same
+``load_runs`` gives one row per edit, ``load_summaries`` one row per run, ``load_probes`` one
+row per general-capability probe (model state and category); all add the same
 run-level columns read from each run's ``config.yaml`` so that runs can be grouped and compared.
 Only complete runs (with ``summary.json``) are read; incomplete ones are skipped with a warning.
 """
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf
 
 from mmke.errors import DataError
 from mmke.results.run_folder import (CONFIG_FILE, EDITS_FILE, META_FILE, PARTIAL_FILE,
-                                     SUMMARY_FILE, RunWriter)
+                                     PROBES_FILE, SUMMARY_FILE, RunWriter)
 
 #: (column, dotted config key, value when the key is missing). Missing keys never raise, so
 #: configs written before a key existed still load; a run without ``protocol.T`` made one
@@ -44,7 +45,20 @@ def load_runs(paths: PathsLike) -> pd.DataFrame:
     records: list[dict[str, Any]] = []
     for run_dir in find_runs(paths):
         run_cols = run_columns(run_dir)
-        for row in _read_edits(run_dir):
+        for row in _read_lines(run_dir / EDITS_FILE):
+            records.append(_merge(run_cols, _flatten(row), run_dir))
+    return _frame(records)
+
+
+def load_probes(paths: PathsLike) -> pd.DataFrame:
+    """One row per probe row (``probes.jsonl``: a model state's score on one category) of every
+    complete run under ``paths`` that probed: run-level columns, then the probe row's fields."""
+    records: list[dict[str, Any]] = []
+    for run_dir in find_runs(paths):
+        if not (run_dir / PROBES_FILE).is_file():  # the run did not probe (eval.probes=none)
+            continue
+        run_cols = run_columns(run_dir)
+        for row in _read_lines(run_dir / PROBES_FILE):
             records.append(_merge(run_cols, _flatten(row), run_dir))
     return _frame(records)
 
@@ -135,10 +149,10 @@ def _lookup(config: Mapping[str, Any], dotted: str, default: Any) -> Any:
     return default if node is None else node
 
 
-def _read_edits(run_dir: Path) -> Iterator[Mapping[str, Any]]:
-    path = run_dir / EDITS_FILE
+def _read_lines(path: Path) -> Iterator[Mapping[str, Any]]:
+    """The JSON objects of a run's JSON-lines file (``edits.jsonl``, ``probes.jsonl``)."""
     if not path.is_file():
-        raise DataError(f"complete run has no {EDITS_FILE}", file=str(path))
+        raise DataError(f"complete run has no {path.name}", file=str(path))
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
             if not line.strip():
@@ -148,7 +162,7 @@ def _read_edits(run_dir: Path) -> Iterator[Mapping[str, Any]]:
             except json.JSONDecodeError as err:
                 raise DataError(f"invalid JSON line: {err}", file=str(path), index=i) from err
             if not isinstance(row, Mapping):
-                raise DataError("edit row is not a JSON object", file=str(path), index=i)
+                raise DataError("row is not a JSON object", file=str(path), index=i)
             yield row
 
 

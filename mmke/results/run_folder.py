@@ -6,6 +6,8 @@ Layout, in the order the files appear::
     meta.json              git commit, versions, start time (atomic)
     edits.jsonl.partial    one JSON line per edit, appended and flushed as the run goes
     edits.jsonl            the partial file renamed at ``finish`` after an fsync
+    probes.jsonl           general-capability probe rows (one per model state and category),
+                           only when the run probes (``eval.probes``); written like edits.jsonl
     summary.json           written last (atomic): its presence means the run is complete
 
 A run that crashes leaves no ``summary.json`` and no ``edits.jsonl``, so nothing half-written
@@ -35,6 +37,43 @@ META_FILE = "meta.json"
 EDITS_FILE = "edits.jsonl"
 PARTIAL_FILE = "edits.jsonl.partial"
 SUMMARY_FILE = "summary.json"
+PROBES_FILE = "probes.jsonl"
+PROBES_PARTIAL_FILE = "probes.jsonl.partial"
+
+
+class _JsonLines:
+    """One JSON-lines result file: appended to ``<name>.partial`` and flushed line by line,
+    published under its name by ``publish`` (fsync, then an atomic rename)."""
+
+    def __init__(self, folder: Path, name: str, partial: str) -> None:
+        self.path, self.partial = folder / name, folder / partial
+        self._file: IO[str] | None = None
+        self.n = 0
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        if not isinstance(row, Mapping):
+            raise TypeError(f"a result row must be a mapping, got {type(row).__name__}")
+        if self._file is None:
+            self._file = open(self.partial, "w", encoding="utf-8")
+        self._file.write(json.dumps(to_jsonable(row), ensure_ascii=False) + "\n")
+        self._file.flush()
+        self.n += 1
+
+    def publish(self, always: bool) -> None:
+        """Rename the partial file to its name (an empty file when ``always`` and no rows)."""
+        if self._file is None:
+            if not always:
+                return
+            self._file = open(self.partial, "w", encoding="utf-8")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.close()
+        os.replace(self.partial, self.path)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class RunWriter:
@@ -44,9 +83,9 @@ class RunWriter:
     def __init__(self, run_dir: Path, is_main: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.is_main = is_main
-        self.n_edits = 0
         self._started = datetime.now(timezone.utc)
-        self._partial: IO[str] | None = None
+        self._edits = _JsonLines(self.run_dir, EDITS_FILE, PARTIAL_FILE)
+        self._probes = _JsonLines(self.run_dir, PROBES_FILE, PROBES_PARTIAL_FILE)
         self._finished = False
         if not is_main:
             return
@@ -56,8 +95,13 @@ class RunWriter:
                               f"({SUMMARY_FILE} exists); choose a new output folder")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Leftovers of a crashed attempt in the same folder are not this run's results.
-        for name in (EDITS_FILE, PARTIAL_FILE):
+        for name in (EDITS_FILE, PARTIAL_FILE, PROBES_FILE, PROBES_PARTIAL_FILE):
             (self.run_dir / name).unlink(missing_ok=True)
+
+    @property
+    def n_edits(self) -> int:
+        """Edit rows written so far."""
+        return self._edits.n
 
     @staticmethod
     def is_complete(run_dir: str | Path) -> bool:
@@ -81,36 +125,33 @@ class RunWriter:
             return
         if self._finished:
             raise RuntimeError(f"add_edit after finish for run folder {self.run_dir}")
-        if not isinstance(row, Mapping):
-            raise TypeError(f"an edit row must be a mapping, got {type(row).__name__}")
-        if self._partial is None:
-            self._partial = open(self.run_dir / PARTIAL_FILE, "w", encoding="utf-8")
-        self._partial.write(json.dumps(to_jsonable(row), ensure_ascii=False) + "\n")
-        self._partial.flush()
-        self.n_edits += 1
+        self._edits.add(row)
+
+    def add_probe(self, row: Mapping[str, Any]) -> None:
+        """Append one general-capability probe row (a model state's score on one category)."""
+        if not self.is_main:
+            return
+        if self._finished:
+            raise RuntimeError(f"add_probe after finish for run folder {self.run_dir}")
+        self._probes.add(row)
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        """Publish ``edits.jsonl`` then ``summary.json``; after this the run counts as complete."""
+        """Publish ``edits.jsonl`` (and ``probes.jsonl`` when the run probed), then
+        ``summary.json``; after this the run counts as complete."""
         if not self.is_main:
             return
         if self._finished:
             raise RuntimeError(f"finish called twice for run folder {self.run_dir}")
-        if self._partial is None:  # a run with no edits still gets an (empty) edits file
-            self._partial = open(self.run_dir / PARTIAL_FILE, "w", encoding="utf-8")
-        self._partial.flush()
-        os.fsync(self._partial.fileno())
-        self._partial.close()
-        self._partial = None
-        os.replace(self.run_dir / PARTIAL_FILE, self.run_dir / EDITS_FILE)
+        self._edits.publish(always=True)  # a run with no edits still gets an (empty) edits file
+        self._probes.publish(always=False)
         fsync_dir(self.run_dir)  # the rename must be on disk before summary.json claims success
         atomic_write_json(self.run_dir / SUMMARY_FILE, dict(summary))
         self._finished = True
 
     def close(self) -> None:
-        """Close the partial file without finishing: the folder stays an incomplete run."""
-        if self._partial is not None:
-            self._partial.close()
-            self._partial = None
+        """Close the partial files without finishing: the folder stays an incomplete run."""
+        self._edits.close()
+        self._probes.close()
 
     def __enter__(self) -> RunWriter:
         return self

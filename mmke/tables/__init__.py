@@ -15,7 +15,7 @@ from mmke.tables.build import build_table, runs_table
 from mmke.tables.errors import NoRunsError, PublishedDataError, UnknownTableError
 from mmke.tables.export import (caption, display_frame, render, to_csv, to_latex, to_markdown,
                                 write_table)
-from mmke.tables.figures import FIGURES, make_figure, more_figure7, sweep_figure
+from mmke.tables.figures import FIGURES, make_figure, more_figure5, more_figure7, sweep_figure
 from mmke.tables.matching import backbone_family
 from mmke.tables.papers import PAPERS, setting_keys
 from mmke.tables.published import available_tables, read_published
@@ -24,6 +24,7 @@ from mmke.tables.runs import load_table_runs
 __all__ = [
     "FIGURES", "PAPERS", "NoRunsError", "PublishedDataError", "UnknownTableError",
     "available_tables", "backbone_family", "build_table", "caption", "display_frame",
-    "load_table_runs", "make_figure", "more_figure7", "read_published", "render", "runs_table",
+    "load_table_runs", "make_figure", "more_figure5", "more_figure7", "read_published", "render",
+    "runs_table",
     "setting_keys", "sweep_figure", "to_csv", "to_latex", "to_markdown", "write_table",
 ]

@@ -7,7 +7,8 @@ reg, protocol, T and the paper's other settings; leaky runs apart, "(leaky: …)
 with mean ± std over seeds. A setting is read from the run config through
 ``mmke.tables.papers.setting_keys``.
 
-M-ORE Figure 7 draws per-edit latency (raw and rolling mean) and per-edit peak memory against
+M-ORE Figure 5 draws general-capability probe accuracy (``probes.jsonl``) against the edit
+index, one panel per category, one line per editor. M-ORE Figure 7 draws per-edit latency (raw and rolling mean) and per-edit peak memory against
 the edit index, one line per run.
 
 Every figure function takes runs (a frame or folders) and an output folder, draws what exists,
@@ -31,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mmke.evaluation.names import PAPER_COLUMNS, column_label
+from mmke.results.load import load_probes
 from mmke.tables.errors import UnknownTableError
 from mmke.tables.matching import norm_name, protocol_key, run_task
 from mmke.tables.papers import PAPERS, SETTING_LABELS, setting_keys
@@ -146,6 +148,45 @@ def more_figure7(runs: RunsLike, out: OutLike) -> list[Path]:
     return _save(fig, out, "more.figure7")
 
 
+def more_figure5(runs: RunsLike, out: OutLike) -> list[Path]:
+    """M-ORE Figure 5: probe accuracy (``eval.probes``) against the edit index t (edits of the
+    stream the model holds; 0: unedited), one panel per category, one line per editor (one per
+    run configuration when several differ), the mean over streams and seeds at each t."""
+    frame = as_runs(runs)
+    folders = sorted(set(frame["run_dir"].astype(str))) if "run_dir" in frame.columns else []
+    probes = load_probes(folders) if folders else pd.DataFrame()
+    if probes.empty:
+        return _nothing("more.figure5", "no run has probes.jsonl (run with eval.probes=miniworld "
+                                        "or eval.probes=mme)")
+    categories = list(dict.fromkeys(probes["category"]))
+    groups = list(probes.groupby("run_dir", sort=True))
+    labels = _run_labels([g for _, g in groups])
+    by_label: dict[str, list[pd.DataFrame]] = {}
+    for (_, rows), label in zip(groups, labels):
+        # seeds of one editor share a line: strip the seed that _run_labels adds to tell them apart
+        by_label.setdefault(label.split(" seed ")[0], []).append(rows)
+    cols = 3 if len(categories) > 4 else min(2, len(categories))  # 2x2 for the four mini ones
+    n_rows = -(-len(categories) // cols)
+    fig = Figure(figsize=(3.3 * cols, 2.8 * n_rows + 0.6), layout="constrained")
+    axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
+    for ax, category in zip(axes, categories):
+        for i, (label, parts) in enumerate(by_label.items()):
+            rows = pd.concat(parts)
+            curve = rows[rows["category"] == category].groupby("edits")["accuracy"].mean()
+            ax.plot(curve.index, curve.to_numpy(), marker="o", markersize=3, color=f"C{i % 10}",
+                    label=label)
+        ax.set_title(category)
+        ax.set_xlabel("edit index t")
+        ax.set_ylabel("accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in axes[len(categories):]:
+        ax.set_axis_off()
+    axes[0].legend(fontsize="x-small")
+    fig.suptitle("M-ORE Fig. 5: general capability after edits (ours)")
+    return _save(fig, out, "more.figure5")
+
+
 def _sweep_figure_function(fig_id: str) -> Callable[[RunsLike, OutLike], list[Path]]:
     spec = SWEEPS[fig_id]
 
@@ -170,6 +211,7 @@ FIGURES: dict[str, Callable[[RunsLike, OutLike], list[Path]]] = {
     "odedit.figure4": odedit_figure4,
     "asam.table6": asam_table6,
     "asam.table7": asam_table7,
+    "more.figure5": more_figure5,
     "more.figure7": more_figure7,
     "more.figure11": more_figure11,
     "more.figure12": more_figure12,

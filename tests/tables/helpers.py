@@ -63,7 +63,8 @@ def write_run(folder: Path, *, editor: str = "ft", reg: str = "none", seed: int 
               backbone: str = "tiny_blip2", data: str = "mini_vqa", task: str | None = "vqa",
               reg_config: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
               edits: list[dict[str, Any]] | None = None,
-              summary: dict[str, Any] | None = None) -> Path:
+              summary: dict[str, Any] | None = None,
+              probes: list[dict[str, Any]] | None = None) -> Path:
     """A complete run folder with a config like ``run.py`` writes (only the keys that matter);
     ``summary``: extra summary fields (e.g. ``leaky``)."""
     data_cfg: dict[str, Any] = {"name": data}
@@ -77,6 +78,8 @@ def write_run(folder: Path, *, editor: str = "ft", reg: str = "none", seed: int 
     writer.write_config(cfg)
     for i, row in enumerate(edits or [{"edit_s": 0.1}]):
         writer.add_edit({"index": i, "ok": True, **metrics, **row})
+    for row in probes or []:  # general-capability probe rows (probes.jsonl)
+        writer.add_probe(row)
     writer.finish({**metrics, "n_edits": len(edits or [1]), "n_failed": 0,
                    "cost": {"edit_s": 0.1, "steps": 4.0, "wall_s": 2.0, "peak_rss_mb": 2048.0},
                    **(summary or {})})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mmke.tables import FIGURES, make_figure, more_figure7
+from mmke.tables import FIGURES, make_figure, more_figure5, more_figure7
 from mmke.tables.errors import UnknownTableError
 from mmke.tables.figures import SWEEPS, NothingToDraw
 from mmke.tables.papers import setting_keys
@@ -89,6 +89,18 @@ def test_more_figure7_reads_edits_of_run_folders(tmp_path):
         write_run(tmp_path / "runs" / f"ft{seed}", seed=seed,
                   edits=[{"edit_s": 0.01 * (i + 1)} for i in range(5)])
     assert_png_and_pdf(more_figure7(tmp_path / "runs", tmp_path / "out"), "more.figure7")
+
+
+def test_more_figure5_draws_probe_accuracy_from_run_folders(tmp_path):
+    for editor, drop in (("more", 0.0), ("ft", 10.0)):
+        for seed in (0, 1):
+            probes = [{"stream": None if t == 0 else 0, "edits": t, "index": t - 1 or None,
+                       "category": c, "n": 10, "accuracy": 90.0 - drop * t}
+                      for t in (0, 2, 4) for c in ("existence", "count", "position", "colour")]
+            write_run(tmp_path / "runs" / f"{editor}{seed}", editor=editor, seed=seed,
+                      probes=probes)
+    write_run(tmp_path / "runs" / "no_probes")  # a run without probes.jsonl is left out
+    assert_png_and_pdf(more_figure5(tmp_path / "runs", tmp_path / "out"), "more.figure5")
 
 
 def test_unknown_figure(tmp_path):
