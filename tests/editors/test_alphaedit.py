@@ -29,7 +29,6 @@ from tests.regularizers import seam_helpers as seam
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = [pytest.param("tiny_blip2"), pytest.param("tiny_llava", marks=pytest.mark.slow)]
 #: train records in the tests' K0 (the runs take the config's k0_records)
 K0_RECORDS = 300
 
@@ -38,21 +37,6 @@ def make_alphaedit(family: str, **overrides) -> AlphaEdit:
     """The editor as ``python run.py editor=alphaedit backbone=<family>`` builds it."""
     return build(compose_config(["editor=alphaedit", f"backbone={family}"]).editor,
                  k0_records=K0_RECORDS, progress=False, **overrides)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def backbone(family):
-    return instantiate(compose_config([f"backbone={family}"]).backbone)
-
-
-@pytest.fixture(scope="module")
-def train(vqa_source):
-    return vqa_source.records("train")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from mmke.config import build
 from mmke.data.prompts import edit_prompts
@@ -22,29 +21,15 @@ from mmke.protocols.single import SingleEdit
 from mmke.sweep.fingerprint import hook_count, model_fingerprint
 from tests.conftest import compose_config
 from tests.editors.answered import answered_record
+from tests.editors.conftest import composed, state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = [pytest.param("tiny_blip2"), pytest.param("tiny_llava", marks=pytest.mark.slow)]
 
 
-def state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def make_grace(family: str, **overrides) -> Grace:
+def make_grace(family: str, **overrides):
     """The editor as ``python run.py editor=grace backbone=<family>`` builds it."""
-    return build(compose_config(["editor=grace", f"backbone={family}"]).editor, **overrides)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def backbone(family):
-    return instantiate(compose_config([f"backbone={family}"]).backbone)
+    return composed("grace", family, **overrides)
 
 
 @pytest.fixture

@@ -15,17 +15,9 @@ from mmke.regularizers.base import edit_request, prompt_key, scored_prompts
 from mmke.regularizers.odedit import ODEdit
 from mmke.sweep.fingerprint import hook_count
 from tests.conftest import compose_config
+from tests.editors.conftest import state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-@pytest.fixture(scope="module")
-def train(vqa_source):
-    return vqa_source.records("train")
 
 
 def make_more(backbone, source, train, **overrides) -> MORE:

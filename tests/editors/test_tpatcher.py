@@ -8,7 +8,6 @@ slow, as in test_grace.py. The contract tests build random tiny models in-proces
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from PIL import Image
 from torch import nn
 
@@ -28,37 +27,17 @@ from mmke.regularizers.hidden import last_prompt_positions
 from mmke.regularizers.odedit import ODEdit
 from mmke.sweep.fingerprint import hook_count, model_fingerprint
 from tests.backbones.families import build as build_random
-from tests.conftest import compose_config
 from tests.editors.answered import answered_record
 from tests.regularizers import seam_helpers as seam
+from tests.editors.conftest import composed, state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = [pytest.param("tiny_blip2"), pytest.param("tiny_llava", marks=pytest.mark.slow)]
 
 
-def state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def make_tpatcher(family: str, **overrides) -> TPatcher:
+def make_tpatcher(family: str, **overrides):
     """The editor as ``python run.py editor=tpatcher backbone=<family>`` builds it."""
-    return build(compose_config(["editor=tpatcher", f"backbone={family}"]).editor, **overrides)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def backbone(family):
-    return instantiate(compose_config([f"backbone={family}"]).backbone)
-
-
-@pytest.fixture(scope="module")
-def train(vqa_source):
-    return vqa_source.records("train")
+    return composed("tpatcher", family, **overrides)
 
 
 @pytest.fixture

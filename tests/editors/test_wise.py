@@ -8,9 +8,7 @@ as in test_tpatcher.py. The contract tests use the random tiny model (no knowled
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
-from mmke.config import build
 from mmke.data.prompts import edit_prompts
 from mmke.editors.side_memory import activation_scores, ties_merge, trim
 from mmke.editors.wise import WISE
@@ -23,36 +21,16 @@ from mmke.regularizers.asam import ASAM
 from mmke.regularizers.base import NoRegularizer
 from mmke.regularizers.odedit import ODEdit
 from mmke.sweep.fingerprint import hook_count, model_fingerprint
-from tests.conftest import compose_config
 from tests.regularizers import seam_helpers as seam
+from tests.editors.conftest import composed, state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = [pytest.param("tiny_blip2"), pytest.param("tiny_llava", marks=pytest.mark.slow)]
 
 
-def state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def make_wise(family: str, **overrides) -> WISE:
+def make_wise(family: str, **overrides):
     """The editor as ``python run.py editor=wise backbone=<family>`` builds it."""
-    return build(compose_config(["editor=wise", f"backbone={family}"]).editor, **overrides)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def backbone(family):
-    return instantiate(compose_config([f"backbone={family}"]).backbone)
-
-
-@pytest.fixture(scope="module")
-def train(vqa_source):
-    return vqa_source.records("train")
+    return composed("wise", family, **overrides)
 
 
 @pytest.fixture

@@ -1,0 +1,36 @@
+"""Fixtures shared by the editor tests: the tiny family under test (tiny BLIP-2, and the
+Llama-style tiny LLaVA as a slow case), its backbone, and the mini world's train split."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from mmke.config import build
+from mmke.editors.base import Editor
+from tests.conftest import compose_config
+
+FAMILIES = [pytest.param("tiny_blip2"), pytest.param("tiny_llava", marks=pytest.mark.slow)]
+
+
+def composed(editor: str, family: str, **overrides) -> Editor:
+    """The editor as ``python run.py editor=<editor> backbone=<family>`` builds it."""
+    return build(compose_config([f"editor={editor}", f"backbone={family}"]).editor, **overrides)
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def backbone(family):
+    return instantiate(compose_config([f"backbone={family}"]).backbone)
+
+
+@pytest.fixture(scope="module")
+def train(vqa_source):
+    return vqa_source.records("train")
