@@ -7,6 +7,9 @@ from hydra.utils import instantiate
 
 from mmke.config import build
 from mmke.editors.base import Editor
+from mmke.evaluation.evaluator import Evaluator
+from mmke.evaluation.spec import MetricSpec
+from mmke.protocols.single import SingleEdit
 from tests.conftest import compose_config
 
 FAMILIES = [pytest.param("tiny_blip2"), pytest.param("tiny_llava", marks=pytest.mark.slow)]
@@ -34,3 +37,11 @@ def backbone(family):
 @pytest.fixture(scope="module")
 def train(vqa_source):
     return vqa_source.records("train")
+
+
+def single_edit_rel(editor: Editor, source, n: int = 20) -> float:
+    """Mean Rel. (percent) of ``n`` single edits of eval records, scored by the real evaluator."""
+    records = source.records("eval", limit=n)
+    evaluator = Evaluator(MetricSpec(), source.templates)
+    rows = SingleEdit().run(editor, evaluator, records, sink=lambda row: None, progress=False)
+    return sum(r["rel"] for r in rows) / len(rows)

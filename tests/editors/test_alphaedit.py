@@ -20,11 +20,11 @@ from mmke.errors import ConfigError
 from mmke.evaluation.evaluator import Evaluator
 from mmke.evaluation.spec import MetricSpec
 from mmke.protocols.sequential import Sequential
-from mmke.protocols.single import SingleEdit
 from mmke.regularizers.base import NoRegularizer, prompt_key
 from mmke.regularizers.odedit import ODEdit
 from mmke.sweep.fingerprint import hook_count, model_fingerprint
 from tests.conftest import cache_dir, compose_config
+from tests.editors.conftest import single_edit_rel
 from tests.regularizers import seam_helpers as seam
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,10 +56,7 @@ def test_single_edits_flip_the_target(alphaedit, family, vqa_source, request):
     if family == "tiny_llava":
         request.applymarker(pytest.mark.xfail(reason="tiny LLaVA Rel 85.0 < 90 (issue 12 bar)",
                                               strict=True))
-    records = vqa_source.records("eval", limit=20)
-    evaluator = Evaluator(MetricSpec(), vqa_source.templates)
-    rows = SingleEdit().run(alphaedit, evaluator, records, sink=lambda row: None, progress=False)
-    rel = sum(r["rel"] for r in rows) / len(rows)
+    rel = single_edit_rel(alphaedit, vqa_source)
     assert rel >= 90.0, rel
 
 

@@ -17,14 +17,12 @@ from mmke.errors import ConfigError
 from mmke.evaluation.evaluator import Evaluator
 from mmke.evaluation.spec import MetricSpec
 from mmke.protocols.sequential import Sequential
-from mmke.protocols.single import SingleEdit
 from mmke.sweep.fingerprint import hook_count, model_fingerprint
 from tests.conftest import compose_config
 from tests.editors.answered import answered_record
-from tests.editors.conftest import composed, state
+from tests.editors.conftest import composed, single_edit_rel, state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def make_grace(family: str, **overrides):
@@ -42,10 +40,7 @@ def grace(family, backbone, vqa_source):
 
 def test_single_edits_flip_the_target(grace, vqa_source):
     """Rel >= 90% over 20 single edits, scored by the real evaluator."""
-    records = vqa_source.records("eval", limit=20)
-    evaluator = Evaluator(MetricSpec(), vqa_source.templates)
-    rows = SingleEdit().run(grace, evaluator, records, sink=lambda row: None, progress=False)
-    rel = sum(r["rel"] for r in rows) / len(rows)
+    rel = single_edit_rel(grace, vqa_source)
     assert rel >= 90.0, rel
 
 

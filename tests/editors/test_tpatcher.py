@@ -20,7 +20,6 @@ from mmke.errors import ConfigError
 from mmke.evaluation.evaluator import Evaluator
 from mmke.evaluation.spec import MetricSpec
 from mmke.protocols.sequential import Sequential
-from mmke.protocols.single import SingleEdit
 from mmke.regularizers.asam import ASAM
 from mmke.regularizers.base import NoRegularizer
 from mmke.regularizers.hidden import last_prompt_positions
@@ -29,10 +28,9 @@ from mmke.sweep.fingerprint import hook_count, model_fingerprint
 from tests.backbones.families import build as build_random
 from tests.editors.answered import answered_record
 from tests.regularizers import seam_helpers as seam
-from tests.editors.conftest import composed, state
+from tests.editors.conftest import composed, single_edit_rel, state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def make_tpatcher(family: str, **overrides):
@@ -52,10 +50,7 @@ def tpatcher(family, backbone, vqa_source, train):
 
 def test_single_edits_flip_the_target(tpatcher, vqa_source):
     """Rel >= 90% over 20 single edits, scored by the real evaluator."""
-    records = vqa_source.records("eval", limit=20)
-    evaluator = Evaluator(MetricSpec(), vqa_source.templates)
-    rows = SingleEdit().run(tpatcher, evaluator, records, sink=lambda row: None, progress=False)
-    rel = sum(r["rel"] for r in rows) / len(rows)
+    rel = single_edit_rel(tpatcher, vqa_source)
     assert rel >= 90.0, rel
 
 

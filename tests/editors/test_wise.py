@@ -16,16 +16,14 @@ from mmke.errors import ConfigError
 from mmke.evaluation.evaluator import Evaluator
 from mmke.evaluation.spec import MetricSpec
 from mmke.protocols.sequential import Sequential
-from mmke.protocols.single import SingleEdit
 from mmke.regularizers.asam import ASAM
 from mmke.regularizers.base import NoRegularizer
 from mmke.regularizers.odedit import ODEdit
 from mmke.sweep.fingerprint import hook_count, model_fingerprint
 from tests.regularizers import seam_helpers as seam
-from tests.editors.conftest import composed, state
+from tests.editors.conftest import composed, single_edit_rel, state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def make_wise(family: str, **overrides):
@@ -45,10 +43,7 @@ def wise(family, backbone, vqa_source, train):
 
 def test_single_edits_flip_the_target(wise, vqa_source):
     """Rel >= 90% over 20 single edits, scored by the real evaluator."""
-    records = vqa_source.records("eval", limit=20)
-    evaluator = Evaluator(MetricSpec(), vqa_source.templates)
-    rows = SingleEdit().run(wise, evaluator, records, sink=lambda row: None, progress=False)
-    rel = sum(r["rel"] for r in rows) / len(rows)
+    rel = single_edit_rel(wise, vqa_source)
     assert rel >= 90.0, rel
 
 
