@@ -20,6 +20,7 @@ from mmke.backbones.base import Backbone, ForwardOutput, ModelBatch
 from mmke.cost import MemoryMeter
 from mmke.data.record import EditRecord, Prompt
 from mmke.data.prompts import PromptTemplates
+from mmke.errors import ConfigError
 from mmke.regularizers.base import NoRegularizer, Regularizer, TrainRecords
 
 
@@ -73,6 +74,14 @@ class Editor(ABC):
         if self.regularizer.active:
             self.regularizer.attach(backbone, templates, train_records)
         self.meter = MemoryMeter(backbone.device)  # its baseline: memory before the first edit
+
+    def _resolve_layer(self, layer: int) -> int:
+        """``editor.layer`` as an absolute language-layer index; a ConfigError names the setting."""
+        assert self.backbone is not None
+        try:
+            return self.backbone.modules.resolve_layer(layer)
+        except IndexError as err:
+            raise ConfigError(f"editor.layer={layer}: {err}") from err
 
     def fit(self, train_records: Sequence[EditRecord]) -> None:
         """Train editor networks on the train split; a no-op for editors that need none."""

@@ -24,7 +24,7 @@ No leakage: the neighbours and out-of-scope prompts come from the train split (`
 never a prompt scored for the record (M-ORE's Eq. 21-22 draw from the record's own rephrase and
 locality sets; that reading is not offered here).
 
-Cost per edit: two forwards, one backward, and O(r²) per module for P (O(r³) with
+Cost per edit: two forwards (step context, neighbours), one backward, and O(r²) per module for P (O(r³) with
 ``no_pooling``), whatever t is; nothing is stored per edit. ``restore`` removes the hooks and
 starts B, P (and, under ``no_freeze``, A) afresh: the backbone's weights never change.
 """
@@ -163,8 +163,6 @@ class MORE(Editor):
         gen = self.pool.neighbours(request, self.gen_samples) if self.pool else []
         loc = self.pool.out_of_scope(request, self.loc_samples) if self.pool else []
         context = backbone.prepare([edit, *loc], append_eos=self.append_eos)
-        with torch.no_grad():
-            reference = first_answer_logprobs(context, backbone.forward(context).logits)[1:]
         writes = self.writes
         for w in writes:
             w.hook_on()
@@ -178,8 +176,10 @@ class MORE(Editor):
             losses = backbone.nll(context, out, reduction="none")
             loss = 2 * losses[0]  # L_rel (Eq. 20) and the edit's own term of L_gen (Eq. 21)
             if loc:  # Eq. 22: mean over the out-of-scope prompts
+                # p_θ{t-1} is this very forward (nothing is written yet), so no second forward:
+                # its detached copy is the reference, and the term's value and gradient are zero
                 post = first_answer_logprobs(context, out.logits)[1:]
-                loss = loss + kl_post_pre_logprobs(post, reference)
+                loss = loss + kl_post_pre_logprobs(post, post.detach())
             if gen:  # Eq. 21: mean over the neighbours
                 batch = backbone.prepare(gen, append_eos=self.append_eos)
                 loss = loss + backbone.nll(batch, backbone.forward(batch), reduction="none").mean()

@@ -131,10 +131,7 @@ class TPatcher(Editor):
                train_records: TrainRecords | None = None) -> None:
         super().attach(backbone, templates, train_records)
         mods = backbone.modules
-        try:
-            self._layer = mods.resolve_layer(self.layer)
-        except IndexError as err:
-            raise ConfigError(f"editor.layer={self.layer}: {err}") from err
+        self._layer = self._resolve_layer(self.layer)
         if self.patch is not None:
             self.patch.remove()
         self.patch = NeuronPatch(mods.ffn_in(self._layer), mods.ffn_out(self._layer),

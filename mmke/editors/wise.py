@@ -134,10 +134,7 @@ class WISE(Editor):
                train_records: TrainRecords | None = None) -> None:
         super().attach(backbone, templates, train_records)
         mods = backbone.modules
-        try:
-            self._layer = mods.resolve_layer(self.layer)
-        except IndexError as err:
-            raise ConfigError(f"editor.layer={self.layer}: {err}") from err
+        self._layer = self._resolve_layer(self.layer)
         if self.router is not None:
             self.router.remove()
         self.router = MemoryRouter(backbone.decoder, mods.ffn_out(self._layer))
