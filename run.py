@@ -18,6 +18,8 @@ def main(cfg: DictConfig) -> float:
     try:
         check_launch(HydraConfig.get(), launched_world_size())
         summary = run(cfg, HydraConfig.get().runtime.output_dir, job=JobContext.from_hydra())
+        if cfg.get("train_only", False):  # nothing was scored: a sweeper reads the fit's time
+            return float(summary["fit"]["seconds"])
         return objective_value(summary, cfg.get("objective", "rel"))  # for sweepers (Optuna)
     except MMKEError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -16,6 +16,8 @@ from mmke.config import build
 
 from mmke.data.mmedit import check_images
 from mmke.distributed import Processes
+from mmke.editors.training import FitReport
+from mmke.errors import ConfigError
 from mmke.evaluation.evaluator import Evaluator
 from mmke.evaluation.probe_sets import load_probe_set
 from mmke.results.identity import HASH_KEY, config_hash, find_finished_run
@@ -30,6 +32,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _train_only(name: str, fit: FitReport | None, processes: Processes) -> dict:
+    """``train_only=true``: the editor is trained (or found in the cache); nothing is edited."""
+    processes.close()
+    if fit is None:
+        raise ConfigError(f"train_only=true: editor={name} has nothing to train")
+    if processes.is_main:
+        how = (f"trained {fit.steps_run} steps" + (f" (resumed at step {fit.resumed_from})"
+               if fit.resumed_from else "")) if fit.trained_now else "loaded from the cache"
+        print(f"editor={name}: {how} in {fit.seconds:.1f} s; networks in {fit.path}")
+    return {"fit": fit.as_dict()}
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | None = None
@@ -87,9 +101,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | No
             train_split.extend(source.records("train"))
         return train_split
 
-    if editor.needs_training:
-        editor.fit(train_records())
     editor.attach(backbone, source.templates, train_records=train_records)
+    fit = editor.fit(train_records()) if editor.needs_training else None
+    if cfg.get("train_only", False):
+        return _train_only(editor.name, fit, processes)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     writer = RunWriter(run_dir, is_main=processes.is_main)  # a no-op on the other processes
@@ -127,6 +142,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | No
     summary["n_processes"] = processes.world_size
     summary["cost"]["loop_s"] = loop_s  # the edit loop alone, without building and loading
     summary[HASH_KEY] = identity  # what a resumed sweep matches finished runs by
+    if fit is not None:  # trained now or loaded from the cache, and how long that took
+        summary["fit"] = fit.as_dict()
     if regularizer.active:  # where its samples came from (train split unless a leaky opt-in)
         summary["regularizer"] = regularizer.summary()
     # leaky: true (and what leaked) when a setting let the edit see the record's scored prompts;

@@ -4,7 +4,8 @@ Designed for every family of editor the papers compare:
 - weight editors (FT, MEND, AlphaEdit, M-ORE) change parameters and keep a ``WeightSnapshot``;
 - hook/memory editors (WISE, T-Patcher, GRACE) attach modules or hooks and detach them;
 - prompt editors (IKE) rewrite prompts through ``prepare_prompts``;
-- trained editors (MEND, SERAC) fit editor networks once on the train split in ``fit``.
+- trained editors (MEND, SERAC, LiveEdit) fit editor networks once on the train split in ``fit``
+  (``mmke.editors.training``: cached on disk, resumable).
 An evaluator only ever calls ``prepare_prompts``, ``forward`` and ``generate`` (generated-answer
 scoring), so all of these plug in alike.
 """
@@ -15,6 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mmke.backbones.base import Backbone, ForwardOutput, ModelBatch
 from mmke.cost import MemoryMeter
@@ -22,6 +24,9 @@ from mmke.data.record import EditRecord, Prompt
 from mmke.data.prompts import PromptTemplates
 from mmke.errors import ConfigError
 from mmke.regularizers.base import NoRegularizer, Regularizer, TrainRecords
+
+if TYPE_CHECKING:
+    from mmke.editors.training import FitReport
 
 
 @dataclass
@@ -83,8 +88,10 @@ class Editor(ABC):
         except IndexError as err:
             raise ConfigError(f"editor.layer={layer}: {err}") from err
 
-    def fit(self, train_records: Sequence[EditRecord]) -> None:
-        """Train editor networks on the train split; a no-op for editors that need none."""
+    def fit(self, train_records: Sequence[EditRecord]) -> FitReport | None:
+        """Train editor networks on the train split (after ``attach``); editors that need none
+        have nothing to do. ``mmke.editors.training.TrainedEditor`` trains once and caches."""
+        return None
 
     def edit(self, records: Sequence[EditRecord]) -> EditOutcome:
         """Apply the edits of ``records`` (one record in the single protocol) on top of the current

@@ -1,0 +1,343 @@
+"""Trained editors (MEND, SERAC, LiveEdit): their networks are fitted once on the train split and
+cached, and every later run, sweep job or table config loads them.
+
+A ``TrainedEditor`` supplies ``build_networks`` (fresh, seeded networks, built after ``attach``
+so they know the backbone's shapes), ``training_loss`` (the method's own objective on a batch of
+train records) and ``cache_settings`` (every setting that changes what training yields). ``fit``
+does the rest, once for all of them:
+
+- the cache folder ``<cache_dir>/trained/<name>/<key>/`` is keyed by the backbone's weights, the
+  train records (their text fields and image paths, in order), the class, its ``code_version``,
+  ``cache_settings()``, the regularizer's settings and the ``TrainingSettings``;
+- ``final.safetensors`` holds the trained networks; while training, ``checkpoint.safetensors``
+  holds networks, Adam state, the step and the torch RNG every ``checkpoint_every`` steps, so a
+  killed fit resumes where its last checkpoint left it and ends with the same networks;
+- batches are a deterministic function of (seed, step), so a resumed or a repeated fit sees the
+  same records in the same order;
+- under ``accelerate launch`` (a torch.distributed process group) each process takes its share of
+  every batch and the gradients are averaged (data parallel); the main process writes the files;
+- the backbone is frozen while training (its ``requires_grad`` flags are put back after), so no
+  gradient accumulates on it and no step can change it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmke.data.record import EditRecord
+from mmke.editors.base import Editor
+from mmke.editors.nullspace import backbone_fingerprint
+from mmke.editors.snapshot import RequiresGrad
+from mmke.errors import ConfigError, MMKEError
+from mmke.regularizers.base import Regularizer
+from mmke.results.atomic import atomic_write_bytes
+
+FINAL = "final.safetensors"
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class TrainingError(MMKEError):
+    """Training an editor's networks failed (a non-finite loss), with the step and the losses."""
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How ``fit`` optimises the editor's networks (Adam). ``batch_size``: train records per
+    step, over all processes; ``checkpoint_every``: steps between checkpoints; ``grad_clip``:
+    the gradient norm clip (None: none); ``seed``: the networks' init and the batch order."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-4
+    checkpoint_every: int = 100
+    grad_clip: float | None = 100.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"editor.training.{name}={getattr(self, name)!r} must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError(f"editor.training.lr={self.lr!r} must be > 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"editor.training.grad_clip={self.grad_clip!r} must be > 0 or null")
+
+    @classmethod
+    def of(cls, value: TrainingSettings | Mapping[str, Any] | None) -> TrainingSettings:
+        """From a YAML mapping (unknown keys are a ConfigError naming them)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"editor.training: unknown setting(s) {unknown}; "
+                              f"known: {sorted(known)}")
+        return cls(**dict(value))
+
+
+@dataclass
+class FitReport:
+    """What ``fit`` did: loaded from the cache (``trained_now`` false) or trained, from which
+    step (``resumed_from``; 0 for a fresh start), in how many seconds, with the last losses."""
+
+    key: str
+    path: str
+    trained_now: bool
+    steps_run: int = 0
+    resumed_from: int = 0
+    seconds: float = 0.0
+    last_losses: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def records_digest(records: Sequence[EditRecord]) -> str:
+    """A hash of the train records in order: every text field and every image path."""
+    digest = hashlib.sha256()
+    for r in records:
+        paths = [None if im is None else str(im.path) for im in (r.image, r.image_rephrase, r.m_loc)]
+        digest.update(json.dumps([r.uid, r.task, r.src, r.pred, r.alt, r.rephrase, r.loc,
+                                  r.loc_ans, r.m_loc_q, r.m_loc_a, paths]).encode())
+    return digest.hexdigest()
+
+
+def regularizer_settings(regularizer: Regularizer) -> dict[str, Any]:
+    """The regularizer's class and its scalar settings: its terms may enter a training
+    objective, so a different regularizer must not read another's trained networks."""
+    scalars = {k: v for k, v in sorted(vars(regularizer).items())
+               if isinstance(v, (bool, int, float, str)) or v is None}
+    return {"class": type(regularizer).__qualname__, "active": regularizer.active, **scalars}
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group; (0, 1) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def batch_indices(n_records: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The records of optimisation ``step``: epochs are seeded permutations of the train split,
+    read in order, so the batch of a step never depends on the steps before it."""
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n_records)
+        order = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed + epoch))
+        out.append(int(order[pos]))
+    return out
+
+
+class TrainedEditor(Editor):
+    """An editor whose networks are trained in ``fit`` (once, then loaded from the cache).
+
+    Subclasses implement ``build_networks``, ``training_loss`` and ``cache_settings``, and may
+    override ``optimizer_groups`` (MEND's learned edit rates take their own learning rate).
+    The networks are ``self.networks`` (set before training starts, so ``training_loss`` and
+    ``forward`` read them alike); they are not part of the backbone, so
+    ``restore`` never touches them and they stay loaded across edits."""
+
+    needs_training = True
+    #: bump when the networks or the objective change: the cache key includes it
+    code_version: ClassVar[str] = "1"
+
+    def __init__(self, training: TrainingSettings | Mapping[str, Any] | None = None,
+                 cache_dir: str | None = None, progress: bool = True,
+                 regularizer: Regularizer | None = None, name: str = "") -> None:
+        super().__init__(regularizer=regularizer, name=name)
+        self.training = TrainingSettings.of(training)
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self.networks: nn.Module | None = None
+        self.fit_report: FitReport | None = None
+
+    # --- what a method supplies ------------------------------------------------------------------
+
+    @abstractmethod
+    def build_networks(self, train_records: Sequence[EditRecord]) -> nn.Module:
+        """Fresh networks (the torch seed is ``training.seed`` when called), on any device."""
+
+    @abstractmethod
+    def training_loss(self, batch: Sequence[EditRecord], step: int
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The method's objective on ``batch`` (this process's share of the step's records),
+        and its parts as floats for the progress bar."""
+
+    @abstractmethod
+    def cache_settings(self) -> dict[str, Any]:
+        """Every constructor setting that changes what training yields (JSON-serialisable)."""
+
+    def optimizer_groups(self, networks: nn.Module) -> list[dict[str, Any]]:
+        """Adam's parameter groups; one group at ``training.lr`` by default."""
+        return [{"params": [p for p in networks.parameters() if p.requires_grad]}]
+
+    def networks_trained(self) -> None:
+        """Called once ``self.networks`` holds the trained (or loaded) networks."""
+
+    # --- the cache ---------------------------------------------------------------------------------
+
+    def training_key(self, train_records: Sequence[EditRecord]) -> str:
+        assert self.backbone is not None
+        payload = json.dumps({
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "code_version": self.code_version,
+            "backbone": backbone_fingerprint(self.backbone),
+            "records": records_digest(train_records),
+            "settings": self.cache_settings(),
+            "regularizer": regularizer_settings(self.regularizer),
+            "training": asdict(self.training),
+        }, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+    def training_folder(self, key: str) -> Path:
+        if self.cache_dir is None:
+            raise ConfigError(f"editor={self.name} keeps its trained networks on disk: "
+                              "set editor.cache_dir (the configs set ${paths.cache_dir})")
+        return Path(self.cache_dir) / "trained" / self.name / key
+
+    # --- fit ---------------------------------------------------------------------------------------
+
+    def fit(self, train_records: Sequence[EditRecord]) -> FitReport:
+        """Load the trained networks from the cache, or train them (resuming a checkpoint)."""
+        if self.backbone is None:
+            raise RuntimeError("attach(backbone, templates) before fit()")
+        records = list(train_records)
+        if not records:
+            raise ConfigError(f"editor={self.name} is trained on the task's train split, "
+                              "which is empty")
+        self.training_folder("")  # a missing cache_dir stops here, before the key is hashed
+        key = self.training_key(records)
+        folder = self.training_folder(key)
+        torch.manual_seed(self.training.seed)
+        networks = self.build_networks(records).to(self.backbone.device)
+        self.networks = networks  # training_loss reads them here
+        start = time.perf_counter()
+        if _load(folder / FINAL, key, networks) is not None:
+            report = FitReport(key, str(folder), trained_now=False)
+        else:
+            report = self._train(networks, records, key, folder)
+        report.seconds = time.perf_counter() - start
+        networks.eval()
+        self.fit_report = report
+        self.networks_trained()
+        return report
+
+    def _train(self, networks: nn.Module, records: list[EditRecord], key: str,
+               folder: Path) -> FitReport:
+        assert self.backbone is not None
+        rank, world = _distributed()
+        settings = self.training
+        optimizer = torch.optim.Adam(self.optimizer_groups(networks), lr=settings.lr)
+        first = _load(folder / CHECKPOINT, key, networks, optimizer) or 0
+        report = FitReport(key, str(folder), trained_now=True, resumed_from=first)
+        frozen = RequiresGrad(self.backbone.model)
+        self.backbone.model.requires_grad_(False)
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        bar = tqdm(range(first, settings.steps), initial=first, total=settings.steps,
+                   desc=f"fit {self.name}", disable=not self.progress or rank != 0)
+        try:
+            networks.train()
+            for step in bar:
+                chosen = batch_indices(len(records), settings.batch_size, step, settings.seed)
+                share = [records[i] for i in chosen[rank::world]]
+                loss, parts = self.training_loss(share, step)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"editor={self.name}: non-finite training loss at step {step} "
+                        f"({parts}); lower editor.training.lr or check the settings. "
+                        f"Checkpoints so far are in {folder}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                _average_gradients(trainable, world)
+                if settings.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
+                optimizer.step()
+                report.steps_run += 1
+                report.last_losses = {"loss": loss.item(), **parts}
+                bar.set_postfix({k: f"{v:.3g}" for k, v in report.last_losses.items()})
+                done = step + 1
+                if rank == 0 and done % settings.checkpoint_every == 0 and done < settings.steps:
+                    _write(folder / CHECKPOINT, key, networks, optimizer, done)
+        finally:
+            frozen.restore()
+            bar.close()
+        if rank == 0:
+            _write(folder / FINAL, key, networks, None, settings.steps)
+            (folder / CHECKPOINT).unlink(missing_ok=True)
+        if world > 1:
+            dist.barrier()
+        return report
+
+
+def _average_gradients(params: Sequence[nn.Parameter], world: int) -> None:
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:  # a parameter this share did not reach still takes the others' mean
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
+def _write(path: Path, key: str, networks: nn.Module, optimizer: torch.optim.Optimizer | None,
+           step: int) -> None:
+    """Networks (``net.*``), Adam state (``opt.<index>.<name>``), the RNG and the step, in one
+    safetensors file, written atomically."""
+    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in networks.state_dict().items()}
+    meta = {"key": key, "step": str(step)}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for index, entry in state["state"].items():
+            for name, value in entry.items():
+                tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        meta["param_groups"] = json.dumps(state["param_groups"])
+        tensors["rng.torch"] = torch.get_rng_state()
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def _load(path: Path, key: str, networks: nn.Module,
+          optimizer: torch.optim.Optimizer | None = None) -> int | None:
+    """Read ``path`` into ``networks`` (and ``optimizer`` and the RNG): the step it holds, or
+    None when it is missing, unreadable or of another key (then nothing is changed)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError):
+        return None
+    net = {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}
+    expected = networks.state_dict()
+    if set(net) != set(expected) or any(net[k].shape != expected[k].shape for k in net) \
+            or not all(torch.isfinite(v).all() for v in net.values() if v.is_floating_point()):
+        return None
+    networks.load_state_dict(net)
+    if optimizer is not None:
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, index, name = k.split(".", 2)
+                state.setdefault(int(index), {})[name] = v
+        optimizer.load_state_dict({"state": state,
+                                   "param_groups": json.loads(meta["param_groups"])})
+        torch.set_rng_state(tensors["rng.torch"])
+    return int(meta.get("step", 0))
