@@ -66,8 +66,12 @@ class TrainingSettings:
     checkpoint_every: int = 100
     grad_clip: float | None = 100.0
     seed: int = 0
+    #: steps after which the learning rate is multiplied by ``lr_cut_rate`` (LiveEdit: 10k, 0.1)
+    lr_cuts: tuple[int, ...] = ()
+    lr_cut_rate: float = 0.1
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_cuts", tuple(int(c) for c in self.lr_cuts))
         for name in ("steps", "batch_size", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"editor.training.{name}={getattr(self, name)!r} must be >= 1")
@@ -75,6 +79,10 @@ class TrainingSettings:
             raise ConfigError(f"editor.training.lr={self.lr!r} must be > 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"editor.training.grad_clip={self.grad_clip!r} must be > 0 or null")
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate's multiplier at ``step``: ``lr_cut_rate`` per cut already passed."""
+        return self.lr_cut_rate ** sum(step > cut for cut in self.lr_cuts)
 
     @classmethod
     def of(cls, value: TrainingSettings | Mapping[str, Any] | None) -> TrainingSettings:
@@ -244,6 +252,8 @@ class TrainedEditor(Editor):
         rank, world = _distributed()
         settings = self.training
         optimizer = torch.optim.Adam(self.optimizer_groups(networks), lr=settings.lr)
+        for group in optimizer.param_groups:  # saved with the groups, so a resume keeps it
+            group["initial_lr"] = group["lr"]
         first = _load(folder / CHECKPOINT, key, networks, optimizer) or 0
         report = FitReport(key, str(folder), trained_now=True, resumed_from=first)
         frozen = RequiresGrad(self.backbone.model)
@@ -262,6 +272,8 @@ class TrainedEditor(Editor):
                         f"editor={self.name}: non-finite training loss at step {step} "
                         f"({parts}); lower editor.training.lr or check the settings. "
                         f"Checkpoints so far are in {folder}")
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * settings.lr_factor(step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 _average_gradients(trainable, world)

@@ -119,13 +119,14 @@ def test_a_changed_setting_trains_again(pretrained, records, tmp_path):
 
 def test_a_killed_fit_resumes_from_its_checkpoint_with_the_same_result(pretrained, records,
                                                                        tmp_path):
-    whole = make(pretrained, tmp_path / "whole", steps=7)
+    cut = {"training": {"lr_cuts": [2]}}  # the resumed steps run at the cut rate
+    whole = make(pretrained, tmp_path / "whole", steps=7, **cut)
     whole.fit(records)
-    killed = make(pretrained, tmp_path / "killed", steps=7, fail_at=5)
+    killed = make(pretrained, tmp_path / "killed", steps=7, fail_at=5, **cut)
     with pytest.raises(KeyboardInterrupt):
         killed.fit(records)
     assert killed.steps_seen == [0, 1, 2, 3, 4]
-    resumed = make(pretrained, tmp_path / "killed", steps=7)
+    resumed = make(pretrained, tmp_path / "killed", steps=7, **cut)
     report = resumed.fit(records)
     assert report.trained_now and report.resumed_from == 4 and report.steps_run == 3
     assert resumed.steps_seen == [4, 5, 6]
@@ -150,6 +151,12 @@ def test_batches_are_seeded_epochs_independent_of_earlier_steps():
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
     assert batch_indices(n, size, 3, seed=3) == steps[3]
     assert batch_indices(n, size, 0, seed=4) != steps[0]
+
+
+def test_the_learning_rate_is_cut_after_each_cut_step():
+    settings = TrainingSettings(lr_cuts=[10, 20], lr_cut_rate=0.1)
+    assert [settings.lr_factor(s) for s in (0, 10, 11, 20, 21)] == \
+        pytest.approx([1, 1, 0.1, 0.1, 0.01])
 
 
 def test_bad_settings_are_config_errors(pretrained, tmp_path):
