@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mmke.config import build
+from mmke.editors.base import Editor
 from mmke.data.prompts import edit_prompts
 from mmke.evaluation.evaluator import Evaluator
 from mmke.evaluation.spec import MetricSpec
@@ -29,15 +30,27 @@ SHORT = {
     "alphaedit": {"v_steps": 2, "k0_records": 300, "progress": False},
     # shards of 10 edits, merged every 20: the stream builds, closes and merges side memories
     "wise": {"steps": 2, "irrelevant_prompts": 5, "save_freq": 10, "merge_freq": 20},
+    # trained editors: a fit of a few steps (into a temporary cache) before the stream
+    "liveedit": {"training": {"steps": 2, "batch_size": 2}, "progress": False},
 }
 
 
+def short_editor(name: str, backbone, source, train, cache) -> Editor:
+    """``editor=<name>`` with the SHORT settings, attached (and fitted, if it is trained)."""
+    settings = dict(SHORT.get(name, {}))
+    if "training" in settings:
+        settings["cache_dir"] = str(cache)
+    editor = build(compose_config([f"editor={name}", "backbone=tiny_blip2"]).editor, **settings)
+    editor.attach(backbone, source.templates, train_records=lambda: train)
+    if editor.needs_training:
+        editor.fit(train)
+    return editor
+
+
 @pytest.mark.parametrize("name", sorted(SHORT))
-def test_restore_is_bit_identical_after_100_edits(name, pretrained, vqa_source):
+def test_restore_is_bit_identical_after_100_edits(name, pretrained, vqa_source, tmp_path):
     train = vqa_source.records("train")
-    editor = build(compose_config([f"editor={name}", "backbone=tiny_blip2"]).editor,
-                   **SHORT[name])
-    editor.attach(pretrained, vqa_source.templates, train_records=lambda: train)
+    editor = short_editor(name, pretrained, vqa_source, train, tmp_path)
     model = pretrained.model
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     hooks = hook_count(model)
@@ -63,13 +76,11 @@ def test_restore_is_bit_identical_after_100_edits(name, pretrained, vqa_source):
 
 
 @pytest.mark.parametrize("name", sorted({*SHORT, "more"}))
-def test_every_editor_runs_the_online_protocol(name, pretrained, vqa_source):
+def test_every_editor_runs_the_online_protocol(name, pretrained, vqa_source, tmp_path):
     """M-ORE's protocol with each editor: per-step and end-of-stream scores for every edit, then
     the model back as it was."""
     train = vqa_source.records("train")
-    editor = build(compose_config([f"editor={name}", "backbone=tiny_blip2"]).editor,
-                   **SHORT.get(name, {}))
-    editor.attach(pretrained, vqa_source.templates, train_records=lambda: train)
+    editor = short_editor(name, pretrained, vqa_source, train, tmp_path)
     before = {k: v.detach().clone() for k, v in pretrained.model.state_dict().items()}
     evaluator = Evaluator(MetricSpec(locality="kl", loc_positions="first"), vqa_source.templates)
     rows = Online(T=3).run(editor, evaluator, vqa_source.records("eval", limit=3),
