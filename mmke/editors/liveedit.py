@@ -38,13 +38,14 @@ from mmke.backbones.base import IGNORE_INDEX, ForwardOutput, ModelBatch
 from mmke.data.prompts import edit_prompts
 from mmke.data.record import EditRecord, Prompt
 from mmke.editors.base import EditOutcome
-from mmke.editors.liveedit_nets import LiveEditNetworks, soft_coefficients
+from mmke.editors.liveedit_nets import (
+    LiveEditNetworks, RoutingFeatures, neighbour_loss, prototype_loss, soft_coefficients,
+    soft_routing_loss)
 from mmke.editors.training import TrainedEditor
 from mmke.errors import ConfigError
 from mmke.regularizers.base import Regularizer
 from mmke.regularizers.divergence import locality_kl
 
-EPS = 1e-8
 
 
 @dataclass
@@ -205,9 +206,9 @@ class LiveEdit(TrainedEditor):
             options = groups[group]
             return options[int(torch.randint(len(options), (1,), generator=gen))]
 
-        def features(kinds: list[str], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        def features(kinds: list[str], extractor: RoutingFeatures
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
             """(textual, visual) features of row j from the states of kind kinds[j]."""
-            extractor = nets.input_features if side == "input" else nets.edit_features
             text, vision = [], []
             for kind in sorted(set(kinds)):
                 reps, seg = states[kind]
@@ -232,29 +233,22 @@ class LiveEdit(TrainedEditor):
                          for g in first_groups]
         first = [pick(g) for g in first_groups]
         second = [pick(g) for g in second_groups]
-        in_text, in_vision = features(first, "input")
-        ed_text, ed_vision = features(second, "edit")
-        relative, absolute = soft_coefficients(
-            nets.similarity(in_text, ed_text),
-            torch.ones(b, b, dtype=torch.bool, device=in_text.device), split=True)
-        positive, negative = torch.diag(absolute), torch.diag(absolute.roll(1, 1))
-        soft = (-torch.log(torch.diag(relative) + EPS).mean()
-                - (torch.log(positive + EPS) + torch.log(1 - negative + EPS)).mean())
-        scores = torch.softmax(torch.cat([nets.similarity(in_vision, ed_vision),
-                                          prototype(first, in_vision)], 1), 1)
-        neighbour = -torch.log(torch.diag(scores) + EPS).mean()
+        in_text, in_vision = features(first, nets.input_features)
+        ed_text, ed_vision = features(second, nets.edit_features)
+        soft = soft_routing_loss(nets.similarity(in_text, ed_text))
+        neighbour = neighbour_loss(nets.similarity(in_vision, ed_vision),
+                                   prototype(first, in_vision))
         # prototype: the input and the "edit" come from different neighbourhoods of a record
         in_scope = torch.randint(2, (b,), generator=gen).tolist()
         first = [pick(int(torch.randint(2, (1,), generator=gen))) if s else pick(2)
                  for s in in_scope]
         second = [pick(2) if s else pick(int(torch.randint(2, (1,), generator=gen)))
                   for s in in_scope]
-        _, in_vision = features(first, "input")
-        _, ed_vision = features(second, "edit")
-        scores = torch.softmax(torch.cat([nets.similarity(in_vision, ed_vision),
-                                          prototype(first, in_vision)], 1), 1)
-        proto_loss = -torch.log(scores[:, -1] + EPS).mean()
-        return {"soft_routing": soft, "hard_routing": neighbour + proto_loss}
+        _, in_vision = features(first, nets.input_features)
+        _, ed_vision = features(second, nets.edit_features)
+        outside = prototype_loss(nets.similarity(in_vision, ed_vision),
+                                 prototype(first, in_vision))
+        return {"soft_routing": soft, "hard_routing": neighbour + outside}
 
     # --- the hook ------------------------------------------------------------------------------
 

@@ -143,3 +143,33 @@ def soft_coefficients(similarity: torch.Tensor, allowed: torch.Tensor,
     if split:
         return relative, absolute
     return relative * absolute * allowed
+
+
+EPS = 1e-8  # inside the routing losses' logs, as the authors
+
+
+def soft_routing_loss(similarity: torch.Tensor) -> torch.Tensor:
+    """Row i's input should route to edit i: −log softmax(s_i)_i, plus −log σ(s_ii) for the
+    positive and −log(1 − σ(s_i,i−1)) for one negative (the next row's edit)."""
+    relative, absolute = soft_coefficients(similarity, torch.ones_like(similarity, dtype=torch.bool),
+                                           split=True)
+    positive, negative = torch.diag(absolute), torch.diag(absolute.roll(1, 1))
+    return (-torch.log(torch.diag(relative) + EPS).mean()
+            - (torch.log(positive + EPS) + torch.log(1 - negative + EPS)).mean())
+
+
+def hard_routing_scores(similarity: torch.Tensor, sentinel: torch.Tensor) -> torch.Tensor:
+    """softmax over [row i's visual similarity to each edit; to the prototype], [b, b + 1]."""
+    return torch.softmax(torch.cat([similarity, sentinel], dim=1), dim=1)
+
+
+def neighbour_loss(similarity: torch.Tensor, sentinel: torch.Tensor) -> torch.Tensor:
+    """Hard routing, in scope: row i's input should prefer edit i to every other and to the
+    prototype."""
+    return -torch.log(torch.diag(hard_routing_scores(similarity, sentinel)) + EPS).mean()
+
+
+def prototype_loss(similarity: torch.Tensor, sentinel: torch.Tensor) -> torch.Tensor:
+    """Hard routing, out of scope: an input unrelated to every edit should prefer the
+    prototype."""
+    return -torch.log(hard_routing_scores(similarity, sentinel)[:, -1] + EPS).mean()

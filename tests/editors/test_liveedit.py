@@ -10,7 +10,9 @@ import torch
 
 from mmke.data.prompts import edit_prompts
 from mmke.editors.liveedit import LiveEdit, Plan, Segments
-from mmke.editors.liveedit_nets import LiveEditNetworks, MaskedCrossAttention, soft_coefficients
+from mmke.editors.liveedit_nets import (
+    LiveEditNetworks, MaskedCrossAttention, neighbour_loss, prototype_loss, soft_coefficients,
+    soft_routing_loss)
 from mmke.errors import ConfigError
 from mmke.regularizers.odedit import ODEdit
 from mmke.sweep.fingerprint import hook_count
@@ -70,6 +72,21 @@ def test_soft_routing_is_softmax_times_sigmoid_over_the_kept_experts():
     want = torch.softmax(kept, 0) * torch.sigmoid(kept)
     assert torch.allclose(got[0, [0, 2]], want) and got[0, 1] == 0
     assert torch.equal(got[1], torch.zeros(3))  # a row that kept none gets no residual
+
+
+def test_routing_losses_by_hand():
+    s = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.3], [0.2, -0.4, 1.5]])
+    sentinel = torch.tensor([[0.1], [1.2], [-0.3]])
+    sig = torch.sigmoid
+    want_soft = (-sum(torch.log_softmax(s[i], 0)[i] for i in range(3)) / 3
+                 - sum(torch.log(sig(s[i, i])) + torch.log(1 - sig(s[i, (i - 1) % 3]))
+                       for i in range(3)) / 3)
+    assert torch.allclose(soft_routing_loss(s), want_soft, atol=1e-5)
+    joint = torch.cat([s, sentinel], 1)
+    want_neighbour = -sum(torch.log_softmax(joint[i], 0)[i] for i in range(3)) / 3
+    want_prototype = -sum(torch.log_softmax(joint[i], 0)[3] for i in range(3)) / 3
+    assert torch.allclose(neighbour_loss(s, sentinel), want_neighbour, atol=1e-5)
+    assert torch.allclose(prototype_loss(s, sentinel), want_prototype, atol=1e-5)
 
 
 def test_training_lowers_its_loss_and_leaves_the_backbone_alone(fitted, pretrained):
@@ -191,3 +208,27 @@ def test_segments_split_picture_question_and_answer(pretrained, vqa_source):
     assert not (seg.question & (seg.vision | answer)).any()
     assert torch.equal(seg.question | seg.vision | answer, seg.attended)
     assert seg.has_image.tolist() == [True, False]
+
+
+def test_edits_and_restores_on_each_family(family, backbone, vqa_source, tmp_path):
+    """A short fit, 5 edits routed with every expert allowed, then restore: on OPT and on the
+    Llama-style tiny LLaVA (whose decoder layers return a tensor or a tuple)."""
+    editor = composed("liveedit", family, training={"steps": 3, "batch_size": 2},
+                      progress=False, cache_dir=str(tmp_path))
+    editor.attach(backbone, vqa_source.templates)
+    editor.fit(vqa_source.records("train")[:20])
+    before = state(backbone.model)
+    records = vqa_source.records("eval", limit=5)
+    prompts = [edit_prompts(r, vqa_source.templates)[0] for r in records]
+    try:
+        for record in records:
+            editor.edit([record])
+        with torch.no_grad(), editor._hooked():
+            out, _, batch = editor._run(prompts, Plan(experts=editor.repository,
+                                                      allowed=torch.ones(5, 5, dtype=torch.bool)))
+            assert not torch.equal(out.logits, backbone.forward(batch).logits)
+        assert len(editor.generate(prompts[:2], max_new_tokens=2)) == 2
+    finally:
+        editor.restore()
+    after = state(backbone.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
