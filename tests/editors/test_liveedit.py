@@ -20,8 +20,8 @@ from tests.editors.conftest import composed, state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: a short fit: enough to exercise training, not to edit well
-SHORT = {"steps": 30, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 10}
+#: a short fit (under a minute): enough to learn routing on the tiny BLIP-2, not to edit well
+SHORT = {"steps": 200, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 100}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def fitted(pretrained, vqa_source, tmp_path_factory) -> LiveEdit:
     editor = composed("liveedit", "tiny_blip2", training=SHORT, progress=False,
                       cache_dir=str(tmp_path_factory.mktemp("liveedit")))
     editor.attach(pretrained, vqa_source.templates)
-    editor.fit(vqa_source.records("train")[:200])
+    editor.fit(vqa_source.records("train"))
     return editor
 
 
@@ -96,6 +96,33 @@ def test_training_lowers_its_loss_and_leaves_the_backbone_alone(fitted, pretrain
                                        "hard_routing"}
     assert all(p.grad is None for p in pretrained.model.parameters())
     assert fitted._handle is None  # the hook is only there while training or editing
+
+
+def test_routing_picks_the_edits_own_expert_and_none_for_unrelated_pictures(fitted, vqa_source):
+    """After 20 edits, each edit's prompt gives its own expert the largest coefficient, and the
+    multimodal-locality prompts (other pictures, other questions) mostly route to none."""
+    records = vqa_source.records("eval", limit=20)
+    seen: list[torch.Tensor] = []
+    original = fitted._coefficients
+
+    def spy(reps, plan):
+        seen.append(original(reps, plan))
+        return seen[-1]
+
+    fitted._coefficients = spy
+    try:
+        for record in records:
+            fitted.edit([record])
+        for record in records:
+            prompts = edit_prompts(record, vqa_source.templates)
+            fitted.forward(fitted.backbone.prepare([prompts[0], prompts[4]]))
+    finally:
+        del fitted._coefficients
+        fitted.restore()
+    own = sum(int(c[0].argmax() == i and c[0, i] > 0) for i, c in enumerate(seen))
+    unrouted = sum(int((c[1] == 0).all()) for c in seen)
+    assert own >= 18, f"own expert on top for {own}/20 edits"
+    assert unrouted >= 14, f"{unrouted}/20 locality prompts routed to no expert"
 
 
 def test_an_edit_only_reads_its_own_prompt(fitted, vqa_source, monkeypatch):
