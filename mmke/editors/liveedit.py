@@ -81,8 +81,9 @@ class Experts:
         return self.text.shape[0]
 
     def extended(self, other: Experts) -> Experts:
-        return Experts(*(torch.cat([a, b]) for a, b in zip(
-            (self.text, self.vision, self.c, self.r), (other.text, other.vision, other.c, other.r))))
+        mine = (self.text, self.vision, self.c, self.r)
+        theirs = (other.text, other.vision, other.c, other.r)
+        return Experts(*(torch.cat([a, b]) for a, b in zip(mine, theirs)))
 
 
 @dataclass

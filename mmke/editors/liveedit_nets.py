@@ -151,8 +151,8 @@ EPS = 1e-8  # inside the routing losses' logs, as the authors
 def soft_routing_loss(similarity: torch.Tensor) -> torch.Tensor:
     """Row i's input should route to edit i: −log softmax(s_i)_i, plus −log σ(s_ii) for the
     positive and −log(1 − σ(s_i,i−1)) for one negative (the next row's edit)."""
-    relative, absolute = soft_coefficients(similarity, torch.ones_like(similarity, dtype=torch.bool),
-                                           split=True)
+    everyone = torch.ones_like(similarity, dtype=torch.bool)
+    relative, absolute = soft_coefficients(similarity, everyone, split=True)
     positive, negative = torch.diag(absolute), torch.diag(absolute.roll(1, 1))
     return (-torch.log(torch.diag(relative) + EPS).mean()
             - (torch.log(positive + EPS) + torch.log(1 - negative + EPS)).mean())

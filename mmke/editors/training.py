@@ -120,7 +120,8 @@ def records_digest(records: Sequence[EditRecord]) -> str:
     """A hash of the train records in order: every text field and every image path."""
     digest = hashlib.sha256()
     for r in records:
-        paths = [None if im is None else str(im.path) for im in (r.image, r.image_rephrase, r.m_loc)]
+        images = (r.image, r.image_rephrase, r.m_loc)
+        paths = [None if im is None else str(im.path) for im in images]
         digest.update(json.dumps([r.uid, r.task, r.src, r.pred, r.alt, r.rephrase, r.loc,
                                   r.loc_ans, r.m_loc_q, r.m_loc_a, paths]).encode())
     return digest.hexdigest()
@@ -175,7 +176,7 @@ class TrainedEditor(Editor):
         self.networks: nn.Module | None = None
         self.fit_report: FitReport | None = None
 
-    # --- what a method supplies ------------------------------------------------------------------
+    # --- what a method supplies ----------------------------------------------------------
 
     @abstractmethod
     def build_networks(self, train_records: Sequence[EditRecord]) -> nn.Module:
@@ -198,7 +199,7 @@ class TrainedEditor(Editor):
     def networks_trained(self) -> None:
         """Called once ``self.networks`` holds the trained (or loaded) networks."""
 
-    # --- the cache ---------------------------------------------------------------------------------
+    # --- the cache -------------------------------------------------------------------------
 
     def training_key(self, train_records: Sequence[EditRecord]) -> str:
         assert self.backbone is not None
@@ -219,7 +220,7 @@ class TrainedEditor(Editor):
                               "set editor.cache_dir (the configs set ${paths.cache_dir})")
         return Path(self.cache_dir) / "trained" / self.name / key
 
-    # --- fit ---------------------------------------------------------------------------------------
+    # --- fit ---------------------------------------------------------------------------------
 
     def fit(self, train_records: Sequence[EditRecord]) -> FitReport:
         """Load the trained networks from the cache, or train them (resuming a checkpoint)."""

@@ -177,9 +177,9 @@ TOY_TRAINING = "{steps:4,batch_size:4,lr:0.05,checkpoint_every:2}"
 def toy_cfg(cache, **settings: Any):
     cfg = compose_config(["editor=none", "n_edits=2", "cpu_threads=1"])
     with open_dict(cfg):
-        cfg.editor = OmegaConf.create({"_target_": TOY, "name": "logitbias", "cache_dir": str(cache),
-                                       "progress": False, "training": {"steps": 3,
-                                                                        "batch_size": 4}})
+        cfg.editor = OmegaConf.create({"_target_": TOY, "name": "logitbias",
+                                       "cache_dir": str(cache), "progress": False,
+                                       "training": {"steps": 3, "batch_size": 4}})
         cfg.update(settings)
     return cfg
 
