@@ -37,6 +37,7 @@ SETTINGS: list[list[str]] = [
     ["editor.training.steps=3000"],
     ["editor.training.batch_size=16", "editor.training.steps=1000"],
     ["editor.rank=8"],
+    ["editor.training.steps=2500"],
 ]
 METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 
