@@ -6,13 +6,14 @@ prompts-as-tensors, a forward pass, joint input embeddings, and editable modules
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmke.backbones.greedy import greedy_settings
 from mmke.data.record import LazyImage, Prompt
@@ -210,14 +211,28 @@ class Backbone(ABC):
         """The ids whose token embeddings ``embed`` starts from (image positions are replaced)."""
         return batch.input_ids
 
-    def embed(self, batch: ModelBatch) -> torch.Tensor:
+    def embed(self, batch: ModelBatch, image_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Joint [vision; text] input embeddings of the batch, as the language model consumes
-        them: token embeddings with the image features scattered over the image tokens."""
+        them: token embeddings with the image features scattered over the image tokens.
+        ``image_rows``: the batch's ``image_rows`` when the caller has them already (SERAC
+        feeds them to its counterfactual model too), so the vision tower runs once."""
         embeds = self.decoder.get_input_embeddings()(self.embedding_ids(batch))
         if batch.pixel_values is None:
             return embeds
+        rows = self.image_rows(batch) if image_rows is None else image_rows
         mask = batch.image_token_mask.unsqueeze(-1).expand_as(embeds)
-        return embeds.masked_scatter(mask, self.image_rows(batch).to(embeds.dtype))
+        return embeds.masked_scatter(mask, rows.to(embeds.dtype))
+
+    def language_model_copy(self) -> PreTrainedModel:
+        """A standalone causal language model (a transformers ``*ForCausalLM``) holding a copy of
+        this backbone's language weights: it reads the backbone's token ids and its logits span
+        the backbone's vocabulary. SERAC's counterfactual model starts from it on the embedded
+        default. Here a deep copy of ``decoder``, which is that model for BLIP-2 and MiniGPT-4;
+        adapters whose decoder is the whole multimodal model (LLaVA, Qwen2-VL) override it."""
+        if self.decoder is self.model:
+            raise NotImplementedError(f"{type(self).__name__} must say how its language model is "
+                                      "copied out of the multimodal model")
+        return copy.deepcopy(self.decoder)
 
     def forward_inputs(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
         """Extra inputs of the decoder's forward besides the embeddings and mask (Qwen2-VL's

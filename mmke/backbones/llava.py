@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import (AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration,
+                          PreTrainedTokenizerBase)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from mmke.backbones.base import EncodedPrompt
@@ -91,6 +92,13 @@ class LlavaBackbone(FixedImageTokens):
         """Projected patch features of the configured vision layer, [n_images, tokens, hidden]."""
         features = self.model.model.get_image_features(pixel_values=pixel_values).pooler_output
         return torch.stack(list(features))
+
+    def language_model_copy(self) -> LlamaForCausalLM:
+        """The Llama language model and LM head as a standalone ``LlamaForCausalLM`` (a copy)."""
+        lm = LlamaForCausalLM(self.model.config.text_config)
+        lm.model.load_state_dict(self.model.model.language_model.state_dict())
+        lm.lm_head.load_state_dict(self.model.lm_head.state_dict())
+        return lm.to(self.device, self.dtype)
 
 
 def load_llava(path: str | None, dtype: str = "float32", device: str = "auto",

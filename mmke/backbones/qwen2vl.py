@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2VLForConditionalGeneration
+from transformers import (AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen2VLForConditionalGeneration)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from mmke.backbones.base import Backbone, EncodedPrompt, ModelBatch
@@ -203,6 +204,21 @@ class Qwen2VLBackbone(Backbone):
 
     def forward_inputs(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
         return {"position_ids": self.position_ids(batch)}
+
+    def language_model_copy(self) -> Qwen2ForCausalLM:
+        """The text model and LM head as a standalone ``Qwen2ForCausalLM`` (a copy). Its layers
+        are Qwen2's; on text alone Qwen2-VL's M-RoPE gives every token equal (t, h, w) positions,
+        which is Qwen2's 1-D RoPE, so the copy scores text exactly as the backbone does."""
+        text = self.model.config.text_config.to_dict()
+        theta = (text.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        config = Qwen2Config(**{k: v for k, v in text.items()
+                                if k not in ("model_type", "architectures", "rope_scaling",
+                                             "rope_parameters", "transformers_version")},
+                             rope_parameters={"rope_type": "default", "rope_theta": theta})
+        lm = Qwen2ForCausalLM(config)
+        lm.model.load_state_dict(self.model.model.language_model.state_dict())
+        lm.lm_head.load_state_dict(self.model.lm_head.state_dict())
+        return lm.to(self.device, self.dtype)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 16) -> list[str]:
