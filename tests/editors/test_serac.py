@@ -49,7 +49,14 @@ def serac(serac_backbone, vqa_source, tmp_path_factory):
     editor = composed("serac", "tiny_blip2", training=SHORT_FIT, progress=False,
                       cache_dir=str(tmp_path_factory.mktemp("serac_cache")))
     editor.attach(serac_backbone, vqa_source.templates, train_records=lambda: train)
-    report = editor.fit(train)
+    # one thread, as the tests run (a session fixture is set up before the module's one_thread):
+    # on a busy two-core machine a second torch thread spin-waits and the fit takes minutes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = editor.fit(train)
+    finally:
+        torch.set_num_threads(threads)
     assert report.trained_now and report.steps_run == SHORT_FIT["steps"]
     return editor
 
