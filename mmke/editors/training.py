@@ -312,7 +312,10 @@ def _write(path: Path, key: str, networks: nn.Module, optimizer: torch.optim.Opt
            step: int) -> None:
     """Networks (``net.*``), Adam state (``opt.<index>.<name>``), the RNG and the step, in one
     safetensors file, written atomically."""
-    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in networks.state_dict().items()}
+    # cloned: tied weights (an LM head sharing its embedding) are one storage, which safetensors
+    # refuses to write twice
+    tensors = {f"net.{k}": v.detach().cpu().clone().contiguous()
+               for k, v in networks.state_dict().items()}
     meta = {"key": key, "step": str(step)}
     if optimizer is not None:
         state = optimizer.state_dict()

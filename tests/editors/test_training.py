@@ -213,3 +213,26 @@ def test_two_processes_train_data_parallel_to_the_networks_of_one(tmp_path, pret
     one, two = (load_file(next((tmp_path / d).rglob(FINAL))) for d in ("one", "two"))
     assert torch.allclose(one["net.bias"], two["net.bias"], atol=1e-6)
     assert not torch.equal(one["net.bias"], torch.zeros_like(one["net.bias"]))
+
+
+class TiedBias(LogitBias):
+    """Networks with one tensor under two names, as an LM head tied to its embedding."""
+
+    def build_networks(self, train_records: Sequence[EditRecord]) -> nn.Module:
+        net = super().build_networks(train_records)
+        net.head = nn.Module()
+        net.head.bias = net.bias
+        return net
+
+
+def test_tied_weights_are_written_and_read_back(pretrained, records, tmp_path):
+    first = TiedBias(training={"steps": 2, "batch_size": 2}, cache_dir=str(tmp_path),
+                     progress=False)
+    first.attach(pretrained, PromptTemplates())
+    assert first.fit(records).trained_now
+    second = TiedBias(training={"steps": 2, "batch_size": 2}, cache_dir=str(tmp_path),
+                      progress=False)
+    second.attach(pretrained, PromptTemplates())
+    assert not second.fit(records).trained_now
+    assert torch.equal(second.networks.head.bias, first.networks.bias)
+    assert second.networks.head.bias is second.networks.bias  # still one tensor
