@@ -144,14 +144,14 @@ def test_placeholders_raise_a_clear_error(group, name):
 def test_available_options_leave_out_placeholders():
     editors = available_options("editor")
     assert {"ft", "none"} <= set(editors)
-    assert "wise" in editors and "more" in editors and "mend" not in editors
+    assert "wise" in editors and "mend" in editors and "unike" not in editors
     assert available_options("no_such_group") == []
 
 
 def test_planned_names_method_paper_and_alternatives():
-    with pytest.raises(MMKEError, match=r"editor=mend \(MEND\) is not implemented.*ODEdit Table 1"
-                                        r".*Available editor options: .*ft"):
-        planned("editor", "mend", "ODEdit Table 1", method="MEND", regularizer=None, lr=0.1)
+    with pytest.raises(MMKEError, match=r"editor=unike \(UniKE\) is not implemented"
+                                        r".*ODEdit Table 1.*Available editor options: .*ft"):
+        planned("editor", "unike", "ODEdit Table 1", method="UniKE", regularizer=None, lr=0.1)
 
 
 def run_cli(*overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
@@ -162,9 +162,9 @@ def run_cli(*overrides: str, multirun: bool = False) -> subprocess.CompletedProc
 
 
 def test_a_placeholder_editor_stops_the_run(tmp_path, pretrained):
-    proc = run_cli("editor=mend", "debug=default", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_cli("editor=unike", "debug=default", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "editor=mend" in proc.stderr and "not implemented in mmke yet" in proc.stderr
+    assert "editor=unike" in proc.stderr and "not implemented in mmke yet" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
 
