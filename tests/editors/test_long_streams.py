@@ -32,6 +32,7 @@ SHORT = {
     "wise": {"steps": 2, "irrelevant_prompts": 5, "save_freq": 10, "merge_freq": 20},
     # trained editors: a fit of a few steps (into a temporary cache) before the stream
     "liveedit": {"training": {"steps": 2, "batch_size": 2}, "progress": False},
+    "mend": {"training": {"steps": 2, "batch_size": 2}, "progress": False},
     "serac": {"training": {"steps": 2, "batch_size": 2}, "progress": False},
 }
 
