@@ -117,7 +117,7 @@ class MEND(TrainedEditor):
         self.snapshot = WeightSnapshot()
         self._reg_pending = False  # a regularizer edit awaits after_step/end (training only)
 
-    # --- the edited matrices -----------------------------------------------------------------------
+    # --- the edited matrices ----------------------------------------------------------------------
 
     def edited(self) -> list[tuple[str, nn.Linear]]:
         """(label, module) of every edited matrix, in slot order: layer by layer, roles within."""
@@ -144,7 +144,7 @@ class MEND(TrainedEditor):
             raise RuntimeError(f"editor={self.name}: fit(train_records) before editing")
         return self.networks
 
-    # --- TrainedEditor -----------------------------------------------------------------------------
+    # --- TrainedEditor ----------------------------------------------------------------------------
 
     def build_networks(self, train_records: Sequence[EditRecord]) -> nn.Module:
         shapes = [(m.in_features, m.out_features) for _, m in self.edited()]
@@ -219,7 +219,8 @@ class MEND(TrainedEditor):
         return loss, parts
 
     def _regularized(self, record: EditRecord, modules: Sequence[nn.Linear],
-                     pseudo: Sequence[tuple[torch.Tensor, torch.Tensor]], step: int) -> torch.Tensor:
+                     pseudo: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                     step: int) -> torch.Tensor:
         """The regularizer's objective for one train edit, on the model the networks edited."""
         backbone, reg, nets = self.backbone, self.regularizer, self.nets
         assert backbone is not None
@@ -249,7 +250,7 @@ class MEND(TrainedEditor):
             finally:
                 self.regularizer.end()
 
-    # --- editing -----------------------------------------------------------------------------------
+    # --- editing ----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def updates(self, records: Sequence[EditRecord]) -> dict[str, torch.Tensor]:

@@ -104,8 +104,9 @@ def pad_edits(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
 @contextmanager
-def low_rank_delta(modules: Sequence[nn.Linear], factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                   rates: torch.Tensor, row_edit: torch.Tensor | None = None) -> Iterator[None]:
+def low_rank_delta(modules: Sequence[nn.Linear],
+                   factors: Sequence[tuple[torch.Tensor, torch.Tensor]], rates: torch.Tensor,
+                   row_edit: torch.Tensor | None = None) -> Iterator[None]:
     """Forwards inside compute each of ``modules`` with W̃ = W − rate · δ̃ᵀ ũ.
 
     ``factors[i]`` = (ũ ``[edits, P, d_in]``, δ̃ ``[edits, P, d_out]``) for ``modules[i]``

@@ -147,7 +147,8 @@ class MendNetworks(nn.Module):
             self.slots.append((key, order.get(key, 0)))
             order[key] = order.get(key, 0) + 1
         dims = {shape_key(i, o): (i, o) for i, o in shapes}
-        self.nets = nn.ModuleDict({k: GradientTransform(*dims[k], rank, n) for k, n in order.items()})
+        self.nets = nn.ModuleDict({k: GradientTransform(*dims[k], rank, n)
+                                   for k, n in order.items()})
         self.edit_lrs = nn.Parameter(torch.full((len(shapes),), float(edit_lr)))
 
     def transform(self, slot: int, u: torch.Tensor, delta: torch.Tensor,

@@ -123,7 +123,8 @@ def test_the_initial_networks_are_the_identity_and_the_edit_is_a_gradient_step(r
     u, d = torch.randn(5, 6), torch.randn(5, 4)
     for layer in (0, 1):
         u_out, d_out = g(u, d, layer)
-        assert torch.equal(u_out, g.u_norm.normalise(u)) and torch.equal(d_out, g.delta_norm.normalise(d))
+        assert torch.equal(u_out, g.u_norm.normalise(u))
+        assert torch.equal(d_out, g.delta_norm.normalise(d))
     editor = MEND(rank=8, edit_lr=1e-3, cache_dir="unused")
     editor.attach(random_tiny, vqa_source.templates)
     torch.manual_seed(0)
@@ -202,7 +203,8 @@ def test_a_regularizer_changes_what_training_yields(random_tiny, vqa_source, tmp
     alone, again, regularized = trained(None, "a"), trained(None, "b"), trained(make_reg(), "c")
     assert all(torch.equal(alone[k], again[k]) for k in alone)
     assert any(not torch.equal(alone[k], regularized[k]) for k in alone)
-    assert [k for k, v in random_tiny.model.state_dict().items() if not torch.equal(v, before[k])] == []
+    after = random_tiny.model.state_dict()
+    assert [k for k, v in after.items() if not torch.equal(v, before[k])] == []
 
 
 def test_editing_before_fit_is_an_error(random_tiny, vqa_source):
