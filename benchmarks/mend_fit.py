@@ -9,7 +9,8 @@ really runs (``--cache``: use paths.cache_dir, where a second run only loads), a
 time. Then ``--edits`` single edits of eval records, scored by the real evaluator (Rel, T-Gen,
 M-Gen, T-Loc, M-Loc, percent), beside the unedited model's scores of the same records; and the
 same records as one online stream of ``--stream`` edits (M-ORE's protocol, eval=more metrics),
-where the edits pile up on the weights: Rel after 1, 10 and 100 edits.
+where the edits pile up on the weights: the per-step means over the first 1, 10 and 100 edits (M-ORE
+Table 1's MEND_1, MEND_10, MEND_100), Rel per block of 10, and every edit rescored at the end.
 """
 
 from __future__ import annotations
@@ -62,18 +63,21 @@ def main() -> None:
     backbone, source = instantiate(cfg.backbone), instantiate(cfg.data)
     train = source.records("train")
     with tempfile.TemporaryDirectory() as tmp:
-        editor = build(cfg.editor, **({} if args.cache else {"cache_dir": tmp}))
+        # reg=none built as the runner builds it, so --cache shares the key of `python run.py`
+        editor = build(cfg.editor, regularizer=build(cfg.reg),
+                       **({} if args.cache else {"cache_dir": tmp}))
         editor.attach(backbone, source.templates, train_records=lambda: train)
         print(f"torch threads {torch.get_num_threads()}; training {editor.training}", flush=True)
         start = time.perf_counter()
         report = editor.fit(train)
         fit_s = time.perf_counter() - start
     how = "trained" if report.trained_now else "loaded from the cache"
-    print(f"fit: {how}, {report.steps_run} steps on {len(train)} train records in {fit_s:.1f} s "
-          f"({fit_s / max(1, report.steps_run) * 1000:.0f} ms/step); last losses "
+    per_step = f" ({fit_s / report.steps_run * 1000:.0f} ms/step)" if report.steps_run else ""
+    print(f"fit: {how}, {report.steps_run} steps on {len(train)} train records in {fit_s:.1f} s"
+          f"{per_step}; last losses "
           + ", ".join(f"{k} {v:.3g}" for k, v in report.last_losses.items()))
     print("edit rates α: " + ", ".join(f"{label} {float(a):.2e}" for (label, _), a
-                                        in zip(editor.edited(), editor.networks.edit_lrs)))
+                                        in zip(editor.edited(), editor.networks.edit_lrs.detach())))
     records = source.records("eval", limit=args.edits)
     evaluator = Evaluator(MetricSpec(), source.templates)
     unedited = NoEdit()
@@ -96,6 +100,9 @@ def main() -> None:
         for n in marks:
             print(f"  after {n:3d} edits: {mean_row(rows[:n])}  "
                   f"(edit {n}: rel {rows[n - 1]['rel']:5.1f})")
+        blocks = [rows[i:i + 10] for i in range(0, len(rows), 10)]
+        print("  Rel of each block of 10 edits, per step: "
+              + " ".join(f"{sum(r['rel'] or 0.0 for r in b) / len(b):.0f}" for b in blocks))
         print(f"  end of stream, all {len(rows)}: {mean_row(rows, suffix='_final')}")
 
 
