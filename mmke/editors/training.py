@@ -128,11 +128,16 @@ def records_digest(records: Sequence[EditRecord]) -> str:
 
 
 def regularizer_settings(regularizer: Regularizer) -> dict[str, Any]:
-    """The regularizer's class and its scalar settings: its terms may enter a training
-    objective, so a different regularizer must not read another's trained networks."""
+    """The regularizer's class and its public scalar settings: its terms may enter a training
+    objective, so a different regularizer must not read another's trained networks. An inactive
+    one is just that, and names are left out, so ``reg=none`` and a default-built editor share
+    their fits."""
+    if not regularizer.active:
+        return {"active": False}
     scalars = {k: v for k, v in sorted(vars(regularizer).items())
-               if isinstance(v, (bool, int, float, str)) or v is None}
-    return {"class": type(regularizer).__qualname__, "active": regularizer.active, **scalars}
+               if not k.startswith("_") and k != "name"
+               and isinstance(v, (bool, int, float, str))}
+    return {"class": type(regularizer).__qualname__, "active": True, **scalars}
 
 
 def _distributed() -> tuple[int, int]:

@@ -236,3 +236,15 @@ def test_tied_weights_are_written_and_read_back(pretrained, records, tmp_path):
     assert not second.fit(records).trained_now
     assert torch.equal(second.networks.head.bias, first.networks.bias)
     assert second.networks.head.bias is second.networks.bias  # still one tensor
+
+
+def test_reg_none_and_a_default_built_editor_share_one_fit(pretrained, records, tmp_path):
+    from mmke.regularizers.base import NoRegularizer
+
+    keys = []
+    for regularizer in (None, NoRegularizer(name="none")):
+        editor = LogitBias(training={"steps": 1, "batch_size": 2}, cache_dir=str(tmp_path),
+                           progress=False, regularizer=regularizer)
+        editor.attach(pretrained, PromptTemplates())
+        keys.append(editor.training_key(records))
+    assert keys[0] == keys[1]
