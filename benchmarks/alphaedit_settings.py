@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.rows import mean_row  # noqa: E402
 
 from benchmarks.spine import load  # noqa: E402
 from mmke.config import build  # noqa: E402
@@ -41,12 +42,6 @@ SETTINGS = [dict(L2=0.1), dict(L2=0.01), dict(L2=0.1, layers=[1, 2, 3]), dict(L2
             dict(L2=0.01, layers=[1, 2], clamp_norm_factor=1.5, v_steps=40),
             dict(L2=0.01, layers=[1, 2], clamp_norm_factor=3.0, v_steps=40, v_weight_decay=0.1),
             dict(L2=0.01, layers=[0, 1, 2], clamp_norm_factor=1.5, v_steps=40)]
-METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
-
-
-def mean_row(rows: list[dict]) -> str:
-    return "  ".join(f"{m} {sum(r[m] for r in rows) / len(rows):5.1f}" for m in METRICS)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.rows import mean_row  # noqa: E402
 
 from mmke.config import build  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
@@ -39,12 +40,6 @@ SETTINGS: list[list[str]] = [
     ["editor.rank=8"],
     ["editor.training.steps=2500"],
 ]
-METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
-
-
-def mean_row(rows: list[dict]) -> str:
-    return "  ".join(f"{m} {sum(r[m] for r in rows) / len(rows):5.1f}" for m in METRICS)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.rows import mean_row  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
@@ -37,15 +38,6 @@ from mmke.evaluation.spec import MetricSpec  # noqa: E402
 from mmke.protocols.online import Online  # noqa: E402
 from mmke.protocols.single import SingleEdit  # noqa: E402
 
-METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
-
-
-def mean_row(rows: list[dict], keys=METRICS, suffix: str = "") -> str:
-    parts = []
-    for m in keys:
-        values = [r[m + suffix] for r in rows if r.get(m + suffix) is not None]
-        parts.append(f"{m} {sum(values) / max(1, len(values)):5.1f}")
-    return "  ".join(parts)
 
 
 def main() -> None:

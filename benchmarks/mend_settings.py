@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.rows import mean_row  # noqa: E402
 
 from benchmarks.spine import load  # noqa: E402
 from mmke.editors.base import NoEdit  # noqa: E402
@@ -42,12 +43,6 @@ SETTINGS = [
     dict(rank=64, lr_lr=1e-3, training=dict(steps=600, batch_size=8, lr=1e-4)),
     dict(rank=64, locality_weight=3.0, training=dict(steps=1000, batch_size=8, lr=1e-4)),
 ]
-METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
-
-
-def mean_row(rows: list[dict]) -> str:
-    return "  ".join(f"{m} {sum(r[m] for r in rows) / len(rows):5.1f}" for m in METRICS)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

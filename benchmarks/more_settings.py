@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.rows import METRICS  # noqa: E402
 from benchmarks.spine import load  # noqa: E402
 from mmke.editors.more import MORE  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
@@ -31,7 +32,6 @@ from mmke.protocols.single import SingleEdit  # noqa: E402
 
 SETTINGS = [dict(rank=r, eta=eta, lam=lam) for r in (32, 64) for eta in (0.3, 1.0, 3.0)
             for lam in (0.1, 1.0, 10.0)]
-METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 
 
 def means(rows: list[dict], keys: tuple[str, ...] = METRICS) -> dict[str, float]:

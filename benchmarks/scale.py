@@ -28,7 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.rows import METRICS  # noqa: E402
+
 COST_SUFFIXES = ("_s", "_mb")  # per-edit seconds and megabytes differ from run to run
 
 

@@ -26,6 +26,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.rows import mean_row  # noqa: E402
 from benchmarks.spine import cache_dir, load  # noqa: E402
 from mmke.config import build  # noqa: E402
 from mmke.data.prompts import edit_prompts  # noqa: E402
@@ -35,12 +36,7 @@ from mmke.evaluation.spec import MetricSpec  # noqa: E402
 from mmke.protocols.sequential import Sequential  # noqa: E402
 from mmke.protocols.single import SingleEdit  # noqa: E402
 
-METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 KINDS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
-
-
-def mean_row(rows: list[dict]) -> str:
-    return "  ".join(f"{m} {sum(r[m] for r in rows) / len(rows):5.1f}" for m in METRICS)
 
 
 def composed_editor(backbone: str, data: str, cache: str, overrides: tuple[str, ...] = (),

@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serac_fit import composed_editor, mean_row  # noqa: E402
+from benchmarks.rows import mean_row  # noqa: E402
+from benchmarks.serac_fit import composed_editor  # noqa: E402
 from benchmarks.spine import load  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
 from mmke.evaluation.spec import MetricSpec  # noqa: E402

@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.rows import mean_row  # noqa: E402
 from benchmarks.spine import load  # noqa: E402
 from mmke.editors.tpatcher import TPatcher  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
@@ -37,11 +38,6 @@ SETTINGS = [dict(), dict(n_neurons=3), dict(n_neurons=3, steps=50), dict(n_neuro
             dict(n_neurons=3, lr=0.03, memory_margin=-6.0),
             dict(n_neurons=3, lr=0.03, steps=40, memory_prompts=50),
             dict(n_neurons=3, lr=0.05, memory_prompts=50)]
-METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
-
-
-def mean_row(rows: list[dict]) -> str:
-    return "  ".join(f"{m} {sum(r[m] for r in rows) / len(rows):5.1f}" for m in METRICS)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.rows import mean_row  # noqa: E402
 from benchmarks.spine import load  # noqa: E402
 from mmke.editors.wise import WISE  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
@@ -47,11 +48,6 @@ SETTINGS = [dict(layer=-1), dict(layer=-2), dict(layer=-3),
                  merge_freq=1, retrieve=True),
             dict(layer=-1, irrelevant_prompts=20, steps=20, mask_ratio=0.2, save_freq=5,
                  merge_freq=5, retrieve=True)]
-METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
-
-
-def mean_row(rows: list[dict]) -> str:
-    return "  ".join(f"{m} {sum(r[m] for r in rows) / len(rows):5.1f}" for m in METRICS)
 
 
 def main() -> None:
