@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.rows import mean_row  # noqa: E402
+from benchmarks.rows import mean_row, single_and_stream  # noqa: E402
 
 from benchmarks.spine import load  # noqa: E402
 from mmke.config import build  # noqa: E402

@@ -23,13 +23,11 @@ from hydra.utils import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.rows import mean_row  # noqa: E402
+from benchmarks.rows import mean_row, single_and_stream  # noqa: E402
 
 from mmke.config import build  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
 from mmke.evaluation.spec import MetricSpec  # noqa: E402
-from mmke.protocols.sequential import Sequential  # noqa: E402
-from mmke.protocols.single import SingleEdit  # noqa: E402
 from tests.conftest import cache_dir  # noqa: E402
 
 SETTINGS: list[list[str]] = [
@@ -67,9 +65,7 @@ def main() -> None:
         report = editor.fit(fitted)
         fit_s = time.perf_counter() - start
         evaluator = Evaluator(MetricSpec(), source.templates)
-        single = SingleEdit().run(editor, evaluator, held, sink=lambda row: None, progress=False)
-        stream = Sequential(T=args.stream).run(editor, evaluator, held[:args.stream],
-                                               sink=lambda row: None, progress=False)
+        single, stream = single_and_stream(editor, evaluator, held, args.stream)
         how = f"fit {fit_s / 60:.1f} min" if report.trained_now else "fit cached"
         print(f"{' '.join(SETTINGS[index]) or 'default':60} {how}", flush=True)
         print(f"{'':4} single: {mean_row(single)}", flush=True)

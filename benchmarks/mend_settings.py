@@ -25,14 +25,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.rows import mean_row  # noqa: E402
+from benchmarks.rows import mean_row, single_and_stream  # noqa: E402
 
 from benchmarks.spine import load  # noqa: E402
 from mmke.editors.base import NoEdit  # noqa: E402
 from mmke.editors.mend import MEND  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
 from mmke.evaluation.spec import MetricSpec  # noqa: E402
-from mmke.protocols.sequential import Sequential  # noqa: E402
 from mmke.protocols.single import SingleEdit  # noqa: E402
 
 SETTINGS = [
@@ -72,10 +71,7 @@ def main() -> None:
             start = time.perf_counter()
             editor.fit(fit_on)
             fit_s = time.perf_counter() - start
-        single = SingleEdit().run(editor, evaluator, scored, sink=lambda row: None,
-                                  progress=False)
-        stream = Sequential(T=args.stream).run(editor, evaluator, scored[:args.stream],
-                                               sink=lambda row: None, progress=False)
+        single, stream = single_and_stream(editor, evaluator, scored, args.stream)
         label = f"[{index}] {setting}"
         print(f"{label:70} single: {mean_row(single)}  (fit {fit_s:.0f} s)")
         print(f"{'':70} stream: {mean_row(stream)}", flush=True)

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mmke.data.record import EditRecord
+from mmke.editors.base import Editor
+from mmke.evaluation.evaluator import Evaluator
+from mmke.protocols.sequential import Sequential
+from mmke.protocols.single import SingleEdit
+
 METRICS = ("rel", "t_gen", "m_gen", "t_loc", "m_loc")
 
 
@@ -15,3 +21,13 @@ def mean_row(rows: Sequence[dict], keys: Sequence[str] = METRICS, suffix: str = 
         values = [r[m + suffix] for r in rows if r.get(m + suffix) is not None]  # None: not scored
         parts.append(f"{m} {sum(values) / max(1, len(values)):5.1f}")
     return "  ".join(parts)
+
+
+def single_and_stream(editor: Editor, evaluator: Evaluator, records: Sequence[EditRecord],
+                      stream: int) -> tuple[list[dict], list[dict]]:
+    """The rows of single edits of ``records``, then of one sequential stream of their first
+    ``stream`` (the editor restored in between, as each protocol leaves it)."""
+    single = SingleEdit().run(editor, evaluator, records, sink=lambda row: None, progress=False)
+    streamed = Sequential(T=stream).run(editor, evaluator, records[:stream],
+                                        sink=lambda row: None, progress=False)
+    return single, streamed

@@ -24,13 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.rows import mean_row  # noqa: E402
+from benchmarks.rows import mean_row, single_and_stream  # noqa: E402
 from benchmarks.serac_fit import composed_editor  # noqa: E402
 from benchmarks.spine import load  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
 from mmke.evaluation.spec import MetricSpec  # noqa: E402
-from mmke.protocols.sequential import Sequential  # noqa: E402
-from mmke.protocols.single import SingleEdit  # noqa: E402
 
 SETTINGS: list[tuple[str, ...]] = [
     ("editor.training.steps=150",),
@@ -67,10 +65,7 @@ def main() -> None:
         start = time.perf_counter()
         editor.fit(fitted)
         fit_s = time.perf_counter() - start
-        single = SingleEdit().run(editor, evaluator, held_out, sink=lambda row: None,
-                                  progress=False)
-        stream = Sequential(T=args.stream).run(editor, evaluator, held_out[:args.stream],
-                                               sink=lambda row: None, progress=False)
+        single, stream = single_and_stream(editor, evaluator, held_out, args.stream)
         print(f"{setting}  fit {fit_s:.0f} s")
         print(f"    single: {mean_row(single)}")
         print(f"    stream: {mean_row(stream)}")

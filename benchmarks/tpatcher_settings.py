@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.rows import mean_row  # noqa: E402
+from benchmarks.rows import mean_row, single_and_stream  # noqa: E402
 from benchmarks.spine import load  # noqa: E402
 from mmke.editors.tpatcher import TPatcher  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
