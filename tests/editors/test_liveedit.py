@@ -29,6 +29,7 @@ def fitted(pretrained, vqa_source, tmp_path_factory) -> LiveEdit:
     editor = composed("liveedit", "tiny_blip2", training=SHORT, progress=False,
                       cache_dir=str(tmp_path_factory.mktemp("liveedit")))
     editor.attach(pretrained, vqa_source.templates)
+    pretrained.model.zero_grad(set_to_none=True)  # earlier tests of the session may leave some
     editor.fit(vqa_source.records("train"))
     return editor
 

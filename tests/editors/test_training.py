@@ -87,6 +87,7 @@ def records(train) -> list[EditRecord]:
 
 
 def test_fit_trains_then_a_second_editor_loads_it(pretrained, records, tmp_path):
+    pretrained.model.zero_grad(set_to_none=True)  # earlier tests of the session may leave some
     before = state(pretrained.model)
     first = make(pretrained, tmp_path)
     report = first.fit(records)
