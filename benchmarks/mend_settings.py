@@ -15,7 +15,6 @@ rates stay EasyEdit's).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.rows import mean_row, single_and_stream  # noqa: E402
+from benchmarks.rows import held_out_parser, mean_row, single_and_stream  # noqa: E402
 
 from benchmarks.spine import load  # noqa: E402
 from mmke.editors.base import NoEdit  # noqa: E402
@@ -43,13 +42,9 @@ SETTINGS = [
     dict(rank=64, locality_weight=3.0, training=dict(steps=1000, batch_size=8, lr=1e-4)),
 ]
 
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", default="tiny_blip2")
-    parser.add_argument("--data", default="mini_vqa")
-    parser.add_argument("--held-out", type=int, default=200)
-    parser.add_argument("--edits", type=int, default=50)
-    parser.add_argument("--stream", type=int, default=20)
+    parser = held_out_parser(__doc__)
     parser.add_argument("--only", default="", help="comma-separated indices into SETTINGS")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 
 from mmke.data.record import EditRecord
@@ -31,3 +32,15 @@ def single_and_stream(editor: Editor, evaluator: Evaluator, records: Sequence[Ed
     streamed = Sequential(T=stream).run(editor, evaluator, records[:stream],
                                         sink=lambda row: None, progress=False)
     return single, streamed
+
+
+def held_out_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of the scripts that fit on the train split without its last ``--held-out``
+    records and score ``--edits`` of those, single and as a stream of ``--stream``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--backbone", default="tiny_blip2")
+    parser.add_argument("--data", default="mini_vqa")
+    parser.add_argument("--held-out", type=int, default=200)
+    parser.add_argument("--edits", type=int, default=50)
+    parser.add_argument("--stream", type=int, default=20)
+    return parser

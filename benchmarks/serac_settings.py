@@ -13,7 +13,6 @@ with the best single-edit Rel among those whose fit stays under 10 minutes on 2 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.rows import mean_row, single_and_stream  # noqa: E402
+from benchmarks.rows import held_out_parser, mean_row, single_and_stream  # noqa: E402
 from benchmarks.serac_fit import composed_editor  # noqa: E402
 from benchmarks.spine import load  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
@@ -42,12 +41,7 @@ SETTINGS: list[tuple[str, ...]] = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", default="tiny_blip2")
-    parser.add_argument("--data", default="mini_vqa")
-    parser.add_argument("--held-out", type=int, default=200)
-    parser.add_argument("--edits", type=int, default=50)
-    parser.add_argument("--stream", type=int, default=20)
+    parser = held_out_parser(__doc__)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", type=int, nargs="*", default=None,
                         help="indices into SETTINGS to run (default: all)")
