@@ -105,6 +105,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job: JobContext | No
     fit = editor.fit(train_records()) if editor.needs_training else None
     if cfg.get("train_only", False):
         return _train_only(editor.name, fit, processes)
+    editor.check_records(mine)  # e.g. IKE's context limit, before anything is written
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     writer = RunWriter(run_dir, is_main=processes.is_main)  # a no-op on the other processes

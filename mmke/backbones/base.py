@@ -177,6 +177,22 @@ class Backbone(ABC):
         language model (BLIP-2, MiniGPT-4) or the whole model (LLaVA, Qwen2-VL)."""
         return self.model
 
+    @property
+    def context_length(self) -> int:
+        """How many positions (image tokens included) the language model was built for: its text
+        config's ``max_position_embeddings``. Prompt editors (IKE) check their prompts against it."""
+        return int(self.decoder.config.get_text_config().max_position_embeddings)
+
+    def extend_context(self, positions: int) -> None:
+        """Let the language model read ``positions`` positions. Rotary-position families (Llama,
+        Qwen2) compute positions, so only the config changes; families with learned positions
+        (OPT) override this to add rows. Used by the tiny recipes' in-context stage, which then
+        trains on the longer sequences."""
+        if positions < self.context_length:
+            raise ValueError(f"extend_context({positions}) would shrink the context of "
+                             f"{self.context_length} positions")
+        self.decoder.config.get_text_config().max_position_embeddings = positions
+
     @abstractmethod
     def encode(self, prompt: Prompt, append_eos: bool = False,
                with_target: bool = True) -> EncodedPrompt:

@@ -64,6 +64,23 @@ class Blip2Backbone(FixedImageTokens):
     def decoder(self) -> nn.Module:
         return self.model.language_model
 
+    def extend_context(self, positions: int) -> None:
+        """OPT learns one embedding per position: the table grows to ``positions`` rows (after
+        OPT's offset of 2), the known rows kept and the new ones tiled from them, so that a
+        position past the old end starts as a position the model has read; training on longer
+        sequences then tells them apart."""
+        super().extend_context(positions)
+        table = self.model.language_model.model.decoder.embed_positions
+        old = table.weight.data
+        offset = table.offset  # OPT's 2 reserved rows
+        rows = positions + offset
+        if rows <= old.shape[0]:
+            return
+        known = old[offset:]
+        extra = known[torch.arange(rows - old.shape[0]) % known.shape[0]]
+        table.weight = nn.Parameter(torch.cat([old, extra]), requires_grad=old.requires_grad)
+        table.num_embeddings = rows
+
     def encode(self, prompt: Prompt, append_eos: bool = False,
                with_target: bool = True) -> EncodedPrompt:
         """Token ids and target-only labels of one prompt; ``with_target=False`` for generation."""

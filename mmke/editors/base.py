@@ -93,6 +93,12 @@ class Editor(ABC):
         have nothing to do. ``mmke.editors.training.TrainedEditor`` trains once and caches."""
         return None
 
+    def check_records(self, records: Sequence[EditRecord]) -> None:
+        """Raise a ConfigError before the first edit if this run's ``records`` cannot be edited
+        as configured (IKE: prompts with k demonstrations past the backbone's context). Called by
+        the runner after ``attach`` and ``fit``; nothing to check here."""
+        return None
+
     def edit(self, records: Sequence[EditRecord]) -> EditOutcome:
         """Apply the edits of ``records`` (one record in the single protocol) on top of the current
         state. Times the work and measures its peak memory; subclasses implement ``_apply``."""

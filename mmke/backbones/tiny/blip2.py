@@ -16,6 +16,7 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 
 from mmke.backbones.blip2 import Blip2Backbone, load_blip2, save_blip2
 from mmke.backbones.tiny.builder import cache_key, cached_build
+from mmke.backbones.tiny.context import in_context_folder
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.pretrain import PretrainSpec
 from mmke.backbones.tiny.recipe import fan_in_init, two_stage_training
@@ -139,8 +140,12 @@ def tiny_blip2_folder(cache_dir: str, world: dict | None = None, model: dict | N
 
 def tiny_blip2(cache_dir: str, world: dict | None = None, model: dict | None = None,
                pretraining: dict | None = None, stage1: dict | None = None,
-               dtype: str = "float32", device: str = "auto",
+               in_context: dict | None = None, dtype: str = "float32", device: str = "auto",
                name: str = "tiny_blip2", progress: bool = True) -> Blip2Backbone:
-    """The cached tiny BLIP-2 for these settings, built if missing."""
+    """The cached tiny BLIP-2 for these settings, built if missing; ``in_context``: the
+    settings of the in-context stage (``mmke.backbones.tiny.context``), off by default."""
     folder = tiny_blip2_folder(cache_dir, world, model, pretraining, stage1, progress)
+    folder = in_context_folder(folder, in_context,
+                               ensure_miniworld(cache_dir, MiniWorldSpec(**(world or {}))),
+                               lambda f: load_blip2(str(f), device="cpu"), save_blip2, progress)
     return load_blip2(str(folder), dtype=dtype, device=device, name=name)

@@ -25,6 +25,7 @@ from mmke.backbones.minigpt4 import (ASSISTANT_MARKER, MINIGPT4_PROMPT, MINIGPT4
                                      save_minigpt4_parts)
 from mmke.backbones.tiny.blip2 import tiny_blip2_folder
 from mmke.backbones.tiny.builder import cache_key, cached_build
+from mmke.backbones.tiny.context import in_context_folder
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.llava import llama_config
 from mmke.backbones.tiny.pretrain import PretrainSpec
@@ -80,10 +81,12 @@ def _plain(node: Any) -> Any:
 
 def tiny_minigpt4(cache_dir: str, blip2: dict, world: dict | None = None,
                   model: dict | None = None, pretraining: dict | None = None,
-                  dtype: str = "float32", device: str = "auto", name: str = "tiny_minigpt4",
-                  progress: bool = True) -> MiniGPT4Backbone:
+                  in_context: dict | None = None, dtype: str = "float32", device: str = "auto",
+                  name: str = "tiny_minigpt4", progress: bool = True) -> MiniGPT4Backbone:
     """The cached tiny MiniGPT-4 for these settings, built on first use (after the tiny BLIP-2 it
-    takes its vision side from, itself cached). ``blip2`` holds the tiny BLIP-2's settings."""
+    takes its vision side from, itself cached). ``blip2`` holds the tiny BLIP-2's settings;
+    ``in_context``: the in-context stage's settings (``mmke.backbones.tiny.context``), off by
+    default (the vision side is BLIP-2's base build either way)."""
     blip2, world = _plain(blip2), _plain(world)
     world_spec = MiniWorldSpec(**(world or {}))
     spec = TinyMiniGPT4Spec(**(_plain(model) or {}))
@@ -95,5 +98,14 @@ def tiny_minigpt4(cache_dir: str, blip2: dict, world: dict | None = None,
     folder = Path(cache_dir) / "backbones" / "tiny_minigpt4" / key
     cached_build(folder, lambda out: build_tiny_minigpt4(out, world_dir, blip2_folder, spec, train,
                                                          progress))
+
+    def load(f: Path) -> MiniGPT4Backbone:
+        return load_minigpt4(str(blip2_folder), str(f / PROJECTION_FILE), str(f / LLAMA_FOLDER),
+                             device="cpu")
+
+    def save(backbone: MiniGPT4Backbone, out: Path) -> None:
+        save_minigpt4_parts(backbone, out / PROJECTION_FILE, out / LLAMA_FOLDER)
+
+    folder = in_context_folder(folder, _plain(in_context), world_dir, load, save, progress)
     return load_minigpt4(str(blip2_folder), str(folder / PROJECTION_FILE),
                          str(folder / LLAMA_FOLDER), dtype=dtype, device=device, name=name)
