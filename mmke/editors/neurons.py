@@ -140,20 +140,66 @@ class NeuronPatch:
         return output + self.contribution(h).to(output.dtype)
 
 
-def ffn_inputs(backbone: Backbone, batch: ModelBatch, layer: int) -> torch.Tensor:
-    """The FFN input h of language layer ``layer`` (the input of its ``ffn_in``, after the
-    layer norm) at every position, [batch, seq, d], detached, from one forward of ``batch``.
-    These are the queries q of T-Patcher's neurons at that layer."""
-    captured: list[torch.Tensor] = []
+def ffn_inputs_at(backbone: Backbone, batch: ModelBatch,
+                  layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The FFN inputs h of each language layer of ``layers`` (absolute or negative), [batch,
+    seq, d] each, detached, keyed by absolute index, from one forward of ``batch`` with the model
+    as it is (patches already added included)."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        index = backbone.modules.resolve_layer(layer)
 
-    def capture(_module: nn.Module, args: tuple) -> None:
-        captured.append(args[0].detach())
+        def capture(_module: nn.Module, args: tuple, index: int = index) -> None:
+            captured[index] = args[0].detach()
 
-    handle = backbone.modules.ffn_in(backbone.modules.resolve_layer(layer)) \
-        .register_forward_pre_hook(capture)
+        handles.append(backbone.modules.ffn_in(index).register_forward_pre_hook(capture))
     try:
         with torch.no_grad():
             backbone.forward(batch)
     finally:
-        handle.remove()
-    return captured[0].reshape(*batch.input_ids.shape, captured[0].shape[-1])
+        for handle in handles:
+            handle.remove()
+    return {i: h.reshape(*batch.input_ids.shape, h.shape[-1]) for i, h in captured.items()}
+
+
+def ffn_inputs(backbone: Backbone, batch: ModelBatch, layer: int) -> torch.Tensor:
+    """The FFN input h of language layer ``layer`` (the input of its ``ffn_in``, after the
+    layer norm) at every position, [batch, seq, d], detached, from one forward of ``batch``.
+    These are the queries q of T-Patcher's neurons at that layer."""
+    return ffn_inputs_at(backbone, batch, [layer])[backbone.modules.resolve_layer(layer)]
+
+
+def top_k_exp_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    """S(x) of the memory loss: the mean of exp over the k largest entries of ``x``."""
+    flat = x.reshape(-1)
+    return torch.exp(flat.topk(min(k, flat.numel())).values).mean()
+
+
+@dataclass(frozen=True)
+class PatchMargins:
+    """T-Patcher's activation and memory losses' settings: the margins α (``act``), β
+    (``memory``), γ (``gap``) and the k of S (``topk``)."""
+
+    act: float = 0.0
+    memory: float = -3.0
+    gap: float = 3.0
+    topk: int = 1000
+
+
+def patch_losses(patch: NeuronPatch, block: NeuronBlock, q_e: torch.Tensor,
+                 memory: torch.Tensor | None, margins: PatchMargins) -> dict[str, torch.Tensor]:
+    """T-Patcher's l_a and l_m1 + l_m2 for the neurons of ``block`` (neuron i keys on edit
+    query ``q_e[i]``): ``act`` = mean_i exp(α − a_e,i) with a_e,i = q_e,i·k_i + b_i (the neuron
+    fires on its edit query); ``memory`` = S(Q_M·k + b − β) + S(Q_M·k + b − a_e + γ) (silent on
+    the memory queries Q_M, and below the edit's own activation by γ); zero without a memory.
+    T-Patcher and UniKE train their neurons with these."""
+    a_e = patch.pre_activations(q_e, [block]).diagonal()
+    terms = {"act": torch.exp(margins.act - a_e).mean()}
+    if memory is None:
+        terms["memory"] = a_e.new_zeros(())
+        return terms
+    a_m = patch.pre_activations(memory, [block])                      # [N, n]
+    terms["memory"] = (top_k_exp_mean(a_m - margins.memory, margins.topk)
+                       + top_k_exp_mean(a_m - a_e + margins.gap, margins.topk))
+    return terms

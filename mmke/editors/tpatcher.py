@@ -67,7 +67,8 @@ from mmke.backbones.base import Backbone, ModelBatch
 from mmke.data.prompts import PromptTemplates
 from mmke.data.record import EditRecord
 from mmke.editors.base import EditOutcome, Editor
-from mmke.editors.neurons import ACTIVATIONS, NeuronBlock, NeuronPatch, ffn_inputs
+from mmke.editors.neurons import (ACTIVATIONS, NeuronBlock, NeuronPatch, PatchMargins,
+                                  ffn_inputs, patch_losses, top_k_exp_mean)
 from mmke.editors.snapshot import only_trainable
 from mmke.errors import ConfigError, check_choice
 from mmke.regularizers.base import (EditContext, EditRequest, Regularizer, RegularizerStep,
@@ -75,10 +76,7 @@ from mmke.regularizers.base import (EditContext, EditRequest, Regularizer, Regul
 from mmke.regularizers.pool import TrainPool
 
 
-def top_k_exp_mean(x: torch.Tensor, k: int) -> torch.Tensor:
-    """S(x) of the memory loss: the mean of exp over the k largest entries of ``x``."""
-    flat = x.reshape(-1)
-    return torch.exp(flat.topk(min(k, flat.numel())).values).mean()
+__all__ = ["TPatcher", "top_k_exp_mean"]
 
 
 class TPatcher(Editor):
@@ -215,15 +213,9 @@ class TPatcher(Editor):
                       memory: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """l_a and l_m1 + l_m2 (the activation and memory losses) for the new neurons."""
         assert self.patch is not None
-        a_e = self.patch.pre_activations(q_e, [block]).diagonal()      # neuron i on its query
-        terms = {"act": torch.exp(self.act_margin - a_e).mean()}
-        if memory is None:
-            terms["memory"] = a_e.new_zeros(())
-            return terms
-        a_m = self.patch.pre_activations(memory, [block])              # [N, n]
-        terms["memory"] = (top_k_exp_mean(a_m - self.memory_margin, self.memory_topk)
-                           + top_k_exp_mean(a_m - a_e + self.gap_margin, self.memory_topk))
-        return terms
+        return patch_losses(self.patch, block, q_e, memory,
+                            PatchMargins(self.act_margin, self.memory_margin, self.gap_margin,
+                                         self.memory_topk))
 
     def _memory(self, request: EditRequest) -> torch.Tensor | None:
         """Q_M for this edit: FFN inputs at every attended position of train-split out-of-scope
