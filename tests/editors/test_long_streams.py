@@ -34,6 +34,8 @@ SHORT = {
     "liveedit": {"training": {"steps": 2, "batch_size": 2}, "progress": False},
     "mend": {"training": {"steps": 2, "batch_size": 2}, "progress": False},
     "serac": {"training": {"steps": 2, "batch_size": 2}, "progress": False},
+    "unike": {"steps": 2, "memory_prompts": 5, "training": {"steps": 2, "batch_size": 2},
+              "progress": False},
 }
 
 
