@@ -55,6 +55,17 @@ def test_missing_inputs_exit_nonzero_with_the_setting_named(tmp_path, overrides,
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+def test_ike_past_the_context_stops_before_the_first_edit(tmp_path, pretrained):
+    """k demonstrations that do not fit the backbone's context: a clear error naming the largest
+    k that fits, exit code 2, no run folder (E-IC: the short bank encodes in seconds)."""
+    proc = run_cli("editor=ike", "editor.k=32", "backbone.in_context.enabled=false",
+                   "data=mini_caption", "n_edits=3", tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "editor.k=32" in proc.stderr and "positions" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_missing_images_are_reported_before_anything_runs(tmp_path, shared_data):
     proc = run_cli("data=mmedit_vqa", f"data.annotation_dir={shared_data / 'mmedit'}",
                    f"data.image_root={tmp_path / 'images'}", tmp_path=tmp_path)
