@@ -12,6 +12,8 @@ Per backbone, through ``python run.py`` (single protocol, ``--edits`` eval recor
   ``--stream`` edits;
 - ``editor=ike`` on the base build (``backbone.in_context.enabled=false`` with a k that fits):
   the tiny backbone without the stage reads no context, which is why the stage exists;
+- ``editor=ike eval.loc_positions=target``: locality read at the answer positions only (the
+  default ``easyedit`` convention compares every position, and IKE's context shifts them all);
 - ``editor=ft`` on the in-context build: evaluation seconds per edit beside IKE's.
 Then, in-process, the mean token length of the prompts IKE's evaluation reads, against the
 same prompts without context. Time it on a quiet machine: a second busy process on two cores
@@ -41,7 +43,7 @@ def run(overrides: list[str], folder: Path, cache: str) -> dict:
     env = {**os.environ, "MMKE_CACHE_DIR": cache}
     subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides, "progress=false",
                     f"hydra.run.dir={folder}"], check=True, cwd=ROOT, env=env,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return json.loads((folder / "summary.json").read_text())
 
 
@@ -102,9 +104,16 @@ def main() -> None:
             streamed = run(["editor=ike", "protocol=sequential", f"protocol.T={args.stream}",
                             *common[:-1], f"n_edits={args.stream}"], out / "d", cache)
             print(line(f"IKE, a stream of {args.stream}", streamed), flush=True)
-            print(line(f"IKE k={args.base_k}, base build",
-                       run(["editor=ike", OFF, f"editor.k={args.base_k}", *common], out / "e",
-                           cache)), flush=True)
+            print(line("IKE, loc_positions=target",
+                       run(["editor=ike", "eval.loc_positions=target", *common], out / "g", cache)),
+                  flush=True)
+            label = f"IKE k={args.base_k}, base build"
+            try:
+                print(line(label, run(["editor=ike", OFF, f"editor.k={args.base_k}", *common],
+                                      out / "e", cache)), flush=True)
+            except subprocess.CalledProcessError as err:
+                print(f"{label:26} stops before its first edit: {err.stderr.strip()[-240:]}",
+                      flush=True)
             print(line("FT, in-context build", run(["editor=ft", ON, *common], out / "f", cache)),
                   flush=True)
         plain, ctx = prompt_lengths(backbone, args.data, min(args.edits, 20))

@@ -181,3 +181,23 @@ def test_ft_edit_changes_the_answer_and_restore_is_bit_identical(backbone, image
     editor.restore()
     after = backbone.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_context_extends_past_the_built_length(backbone, images):
+    """``extend_context`` (the tiny recipes' in-context stage): a prompt longer than the built
+    context runs, and the positions it had are unchanged for a short prompt."""
+    import copy
+
+    short = [Prompt(QUESTION, "red", images[0])]
+    longer = copy.deepcopy(backbone)
+    before = backbone.forward(backbone.build_batch(short)).logits
+    longer.extend_context(backbone.context_length + 64)
+    assert longer.context_length == backbone.context_length + 64
+    torch.testing.assert_close(longer.forward(longer.build_batch(short)).logits, before)
+    words = ""
+    while len(longer.encode(Prompt(QUESTION + words, "red", images[0])).input_ids) \
+            <= backbone.context_length:
+        words += " red"
+    batch = longer.build_batch([Prompt(QUESTION + words, "red", images[0])])
+    assert backbone.context_length < batch.input_ids.shape[1] <= longer.context_length
+    assert torch.isfinite(longer.forward(batch).logits).all()
