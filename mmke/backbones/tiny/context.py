@@ -19,20 +19,19 @@ Only the language model trains; the vision side and the projector stay as built.
 
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-from tqdm.auto import tqdm
 
-from mmke.backbones.base import Backbone
+from mmke.backbones.base import Backbone, ModelBatch
 from mmke.backbones.tiny.builder import cache_key, cached_build, read_report
 from mmke.backbones.tiny.corpus import pretraining_prompts
+from mmke.backbones.tiny.pretrain import train_on
 from mmke.backbones.tiny.recipe import knowledge_of_world
 from mmke.data.demonstrations import IKEFormat, demonstration_bank, edit_fact
 from mmke.data.miniworld.generate import ANNOTATION_FILES
@@ -152,45 +151,25 @@ def context_stage(backbone: Backbone, world: Path, spec: ContextSpec,
     trainable = language_parameters(backbone)
     for p in trainable:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.01)
 
-    def schedule(step: int) -> float:
-        if step < spec.warmup_steps:
-            return (step + 1) / spec.warmup_steps
-        done = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * done))
+    def batches() -> Iterator[ModelBatch]:
+        for _ in range(spec.steps):
+            prompts = []
+            for _ in range(spec.batch_size):
+                if rng.random() < spec.replay:
+                    prompts.append(rng.choice(replay))
+                    continue
+                task = rng.choice(tasks)
+                demos, prompt = context_example(task, rng.randrange(len(task.records)),
+                                                rng.randint(0, spec.max_demos), rng, fmt)
+                prompts.append(_fit(backbone, demos, prompt, spec.max_positions))
+            yield backbone.build_batch(prompts, append_eos=True)
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    model.train()
-    bar = tqdm(total=spec.steps, desc=f"in-context stage {getattr(backbone, 'name', '')}",
-               disable=not progress, unit="step")
-    loss_value = float("nan")
-    for _ in range(spec.steps):
-        batch_prompts = []
-        for _ in range(spec.batch_size):
-            if rng.random() < spec.replay:
-                batch_prompts.append(rng.choice(replay))
-                continue
-            task = rng.choice(tasks)
-            demos, prompt = context_example(task, rng.randrange(len(task.records)),
-                                            rng.randint(0, spec.max_demos), rng, fmt)
-            batch_prompts.append(_fit(backbone, demos, prompt, spec.max_positions))
-        batch = backbone.build_batch(batch_prompts, append_eos=True).to(backbone.device,
-                                                                         backbone.dtype)
-        loss = backbone.nll(batch, backbone.forward(batch))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        loss_value = loss.item()
-        bar.update()
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-    bar.close()
-    model.eval()
+    loss = train_on(backbone, trainable, batches(), spec.steps, spec.lr, spec.warmup_steps, 0.01,
+                    f"in-context stage {getattr(backbone, 'name', '')}", progress)
     for p in model.parameters():
         p.requires_grad_(True)
-    return {"context_final_loss": loss_value, "context_steps": float(spec.steps),
+    return {"context_final_loss": loss, "context_steps": float(spec.steps),
             "context_positions": float(spec.max_positions)}
 
 
