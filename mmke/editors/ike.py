@@ -145,9 +145,9 @@ class IKE(Editor):
     def retrieve(self, records: Sequence[EditRecord], k: int | None = None) -> list[list[int]]:
         """The bank rows of each record's k demonstrations, least similar first."""
         k = self.k if k is None else k
-        _, embeddings, rows = self.bank()
         if not records or k == 0:
             return [[] for _ in records]
+        _, embeddings, rows = self.bank()
         queries = self.encoder.encode([self.query_sentence(r) for r in records])
         exclude = [rows.get(record_identity(r), []) for r in records]
         found = nearest(queries, embeddings, k, exclude=exclude)
