@@ -47,15 +47,27 @@ def tensor_fingerprint(tensor: torch.Tensor) -> tuple[int, int]:
     return plain & 0xFFFFFFFFFFFFFFFF, weighted & 0xFFFFFFFFFFFFFFFF
 
 
+#: Where transformers defines the hooks it installs on a model itself: the output recorders
+#: that collect hidden states and attentions, put on every layer by the first forward that asks
+#: for them (``output_hidden_states=True``: ODEdit, ASAM) and kept for the model's life. They are
+#: inert in every other forward, so they are not an editor's leftover.
+LIBRARY_HOOK_MODULES = ("transformers.",)
+
+
+def _is_library_hook(hook: object) -> bool:
+    return str(getattr(hook, "__module__", "") or "").startswith(LIBRARY_HOOK_MODULES)
+
+
 def hook_count(model: nn.Module) -> int:
-    """Forward/backward hooks registered on any submodule. ``nn.Module`` offers no public
-    count, so its hook dictionaries are read: a hook an editor forgot to remove would change
-    every later forward without touching a weight."""
+    """Forward/backward hooks registered on any submodule, less the ones transformers installs
+    itself (``LIBRARY_HOOK_MODULES``). ``nn.Module`` offers no public count, so its hook
+    dictionaries are read: a hook an editor forgot to remove would change every later forward
+    without touching a weight."""
     total = 0
     for module in model.modules():
         for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                      "_backward_pre_hooks"):
-            total += len(getattr(module, name, {}))
+            total += sum(not _is_library_hook(h) for h in getattr(module, name, {}).values())
     return total
 
 

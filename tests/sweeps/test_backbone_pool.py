@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmke.sweep.fingerprint import model_fingerprint, tensor_fingerprint
+from mmke.sweep.fingerprint import hook_count, model_fingerprint, tensor_fingerprint
 from mmke.sweep.pool import BackbonePool
 from tests.conftest import compose_config
 
@@ -80,3 +80,23 @@ def test_pool_keys_by_config_and_device(backbone_cfg) -> None:
     renamed.name = "tiny_again"
     third, reused = pool.get(renamed)  # another config on the same slot evicts it
     assert not reused and third.name == "tiny_again" and pool.loads == 3
+
+
+def test_the_output_recorders_transformers_installs_are_not_a_leftover(pretrained) -> None:
+    """The first forward asking for hidden states (ODEdit, ASAM) makes transformers put its
+    output-recording hooks on every layer for good; a reused backbone is still the one loaded."""
+    import copy
+
+    from mmke.data.record import Prompt
+
+    backbone = copy.deepcopy(pretrained)
+    batch = backbone.build_batch([Prompt("nq question: what is the capital of x", "y")])
+    backbone.forward(batch)
+    base = model_fingerprint(backbone.model)
+    backbone.forward(batch, output_hidden_states=True)
+    hooks = sum(len(m._forward_hooks) for m in backbone.model.modules())
+    assert hook_count(backbone.model) == 0 < hooks  # they are there, and are not counted
+    assert model_fingerprint(backbone.model) == base
+    handle = backbone.modules.ffn_out(0).register_forward_hook(lambda *args: None)
+    assert model_fingerprint(backbone.model) != base  # an editor's hook still counts
+    handle.remove()
