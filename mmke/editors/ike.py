@@ -98,6 +98,7 @@ class IKE(Editor):
         self._encoder: SentenceEncoder | None = None
         self._bank: tuple[list[str], torch.Tensor, dict[tuple[str, ...], list[int]]] | None = None
         self._prompt_embeddings: dict[str, torch.Tensor] = {}
+        self._retrieved: dict[tuple[tuple[str, ...], int], list[int]] = {}
 
     def attach(self, backbone: Backbone, templates: PromptTemplates,
                train_records: TrainRecords | None = None) -> None:
@@ -109,6 +110,7 @@ class IKE(Editor):
         super().attach(backbone, templates, train_records)
         self._train = train_records
         self._bank = None
+        self._retrieved.clear()
         self.memory.clear()
 
     # --- retrieval -------------------------------------------------------------------------------
@@ -143,15 +145,20 @@ class IKE(Editor):
             + self.format.separator
 
     def retrieve(self, records: Sequence[EditRecord], k: int | None = None) -> list[list[int]]:
-        """The bank rows of each record's k demonstrations, least similar first."""
+        """The bank rows of each record's k demonstrations, least similar first. Kept per record
+        and k, so the run's check and its edits retrieve (and encode) each record once."""
         k = self.k if k is None else k
         if not records or k == 0:
             return [[] for _ in records]
         _, embeddings, rows = self.bank()
-        queries = self.encoder.encode([self.query_sentence(r) for r in records])
-        exclude = [rows.get(record_identity(r), []) for r in records]
-        found = nearest(queries, embeddings, k, exclude=exclude)
-        return [list(reversed(row.tolist())) for row in found.indices]
+        missing = [r for r in records if (record_identity(r), k) not in self._retrieved]
+        if missing:
+            queries = self.encoder.encode([self.query_sentence(r) for r in missing])
+            exclude = [rows.get(record_identity(r), []) for r in missing]
+            found = nearest(queries, embeddings, k, exclude=exclude)
+            for r, row in zip(missing, found.indices):
+                self._retrieved[(record_identity(r), k)] = list(reversed(row.tolist()))
+        return [self._retrieved[(record_identity(r), k)] for r in records]
 
     def demonstrations(self, records: Sequence[EditRecord], k: int | None = None) -> list[list[str]]:
         """The k demonstrations of each record's edit, least similar first."""
