@@ -24,6 +24,7 @@ UniKE (Pan et al., NeurIPS 2024) reuses this for its intrinsic-knowledge neurons
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmke.backbones.base import Backbone, ModelBatch
+from mmke.regularizers.base import EditContext, EditRequest, Regularizer, RegularizerStep
 
 #: the neuron's activation function act(·) of the patched FFN. ``relu`` (OPT's own FFN activation): a
 #: neuron with h·k + b <= 0 contributes exactly nothing, which is what "inactive" means for the
@@ -203,3 +205,35 @@ def patch_losses(patch: NeuronPatch, block: NeuronBlock, q_e: torch.Tensor,
     terms["memory"] = (top_k_exp_mean(a_m - margins.memory, margins.topk)
                        + top_k_exp_mean(a_m - a_e + margins.gap, margins.topk))
     return terms
+
+
+def train_neurons(backbone: Backbone, batch: ModelBatch, request: EditRequest,
+                  layers: Sequence[int], params: dict[str, nn.Parameter], regularizer: Regularizer,
+                  patch_loss: Callable[[], torch.Tensor], steps: int, lr: float,
+                  weight_decay: float, early_stop_loss: float | None, outcome: object) -> bool:
+    """One edit's training of new neurons (T-Patcher, UniKE): Adam on ``params`` for ``steps``
+    steps on the edit's NLL + ``patch_loss()`` (the activation and memory losses) + the
+    regularizer's term, through the regularizer seam (``begin``/``loss``/``after_step``/``end``).
+    Stops early once the NLL is below ``early_stop_loss``. Counts steps and the last loss on
+    ``outcome`` (an ``EditOutcome``); False on a non-finite loss (the caller undoes the edit)."""
+    optimizer = torch.optim.Adam(params.values(), lr=lr, weight_decay=weight_decay)
+    try:
+        regularizer.begin([request], EditContext(list(layers), params, batch))
+        for step in range(steps):
+            out = backbone.forward(batch, output_hidden_states=regularizer.needs_hidden_states)
+            task_loss = backbone.nll(batch, out)
+            loss = (task_loss + patch_loss()
+                    + regularizer.loss(RegularizerStep(step, batch, out, task_loss)))
+            outcome.final_loss = loss.item()  # type: ignore[attr-defined]
+            if not math.isfinite(outcome.final_loss):  # type: ignore[attr-defined]
+                return False
+            if early_stop_loss is not None and task_loss.item() < early_stop_loss:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            regularizer.after_step()
+            outcome.steps += 1  # type: ignore[attr-defined]
+    finally:
+        regularizer.end()
+    return True

@@ -58,7 +58,6 @@ scored prompts.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -68,11 +67,11 @@ from mmke.data.prompts import PromptTemplates
 from mmke.data.record import EditRecord
 from mmke.editors.base import EditOutcome, Editor
 from mmke.editors.neurons import (ACTIVATIONS, NeuronBlock, NeuronPatch, PatchMargins,
-                                  ffn_inputs, patch_losses, top_k_exp_mean)
+                                  ffn_inputs, patch_losses, top_k_exp_mean, train_neurons)
 from mmke.editors.snapshot import only_trainable
 from mmke.errors import ConfigError, check_choice
-from mmke.regularizers.base import (EditContext, EditRequest, Regularizer, RegularizerStep,
-                                    TrainRecords, edit_request, prompt_key)
+from mmke.regularizers.base import (EditRequest, Regularizer, TrainRecords, edit_request,
+                                    prompt_key)
 from mmke.regularizers.pool import TrainPool
 
 
@@ -176,32 +175,18 @@ class TPatcher(Editor):
         block = patch.add(keys=q_e / q_e.pow(2).sum(dim=1, keepdim=True),
                           biases=q_e.new_zeros(len(q_e)),
                           values=q_e.new_zeros(len(q_e), self._out_dim()))
-        optimizer = torch.optim.Adam(block.named_parameters().values(), lr=self.lr,
-                                     weight_decay=self.weight_decay)
-        reg = self.regularizer
+        def patch_loss() -> torch.Tensor:
+            terms = self._patch_losses(block, q_e, memory)
+            return self.act_weight * terms["act"] + self.memory_weight * terms["memory"]
+
         try:
             # the new neurons start with zero values: the model is still the unedited one
-            reg.begin([request], EditContext([self._layer], block.named_parameters("patch."),
-                                             batch))
-            for step in range(self.steps):
-                out = backbone.forward(batch, output_hidden_states=reg.needs_hidden_states)
-                task_loss = backbone.nll(batch, out)
-                terms = self._patch_losses(block, q_e, memory)
-                loss = (task_loss + self.act_weight * terms["act"]
-                        + self.memory_weight * terms["memory"]
-                        + reg.loss(RegularizerStep(step, batch, out, task_loss)))
-                outcome.final_loss = loss.item()
-                if not math.isfinite(outcome.final_loss):
-                    return False
-                if self.early_stop_loss is not None and task_loss.item() < self.early_stop_loss:
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                reg.after_step()
-                outcome.steps += 1
+            if not train_neurons(backbone, batch, request, [self._layer],
+                                 block.named_parameters("patch."), self.regularizer, patch_loss,
+                                 self.steps, self.lr, self.weight_decay, self.early_stop_loss,
+                                 outcome):
+                return False
         finally:
-            reg.end()
             patch.freeze()
         self._report(block, q_e, memory, outcome)
         if self.remember_edits:

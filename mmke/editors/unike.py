@@ -44,7 +44,6 @@ UniKE and UniKE+ODEdit share one fit.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -58,15 +57,15 @@ from mmke.data.prompts import PromptTemplates, edit_prompts
 from mmke.data.record import EditRecord, Prompt
 from mmke.editors.base import EditOutcome
 from mmke.editors.neurons import (ACTIVATIONS, NeuronPatch, PatchMargins, ffn_inputs_at,
-                                  patch_losses)
+                                  patch_losses, train_neurons)
 from mmke.editors.snapshot import only_trainable
 from mmke.editors.training import TrainedEditor
 from mmke.editors.unike_nets import (UniKENetworks, alpha, blend, direction_loss,
                                      latent_knowledge, semantic_loss, steering,
                                      truthfulness_loss)
 from mmke.errors import ConfigError, check_choice
-from mmke.regularizers.base import (EditContext, EditRequest, NoRegularizer, Regularizer,
-                                    RegularizerStep, TrainRecords, edit_request, prompt_key)
+from mmke.regularizers.base import (EditRequest, NoRegularizer, Regularizer, TrainRecords,
+                                    edit_request, prompt_key)
 from mmke.regularizers.pool import TrainPool
 
 
@@ -343,30 +342,19 @@ class UniKE(TrainedEditor):
             blocks.append(block)
             q_es.append(q_e)
             params.update(block.named_parameters(f"patch{i}."))
-        optimizer = torch.optim.Adam(params.values(), lr=self.lr, weight_decay=self.weight_decay)
-        reg = self.regularizer
+        def patch_loss() -> torch.Tensor:
+            loss = torch.zeros((), device=batch.input_ids.device)
+            for patch, block, q_e, mem in zip(self.patches, blocks, q_es, memory):
+                terms = patch_losses(patch, block, q_e, mem, self.margins)
+                loss = loss + self.act_weight * terms["act"] + self.memory_weight * terms["memory"]
+            return loss
+
         try:
-            reg.begin([request], EditContext(list(self._layers), params, batch))
-            for step in range(self.steps):
-                out = backbone.forward(batch, output_hidden_states=reg.needs_hidden_states)
-                task_loss = backbone.nll(batch, out)
-                loss = task_loss + reg.loss(RegularizerStep(step, batch, out, task_loss))
-                for patch, block, q_e, mem in zip(self.patches, blocks, q_es, memory):
-                    terms = patch_losses(patch, block, q_e, mem, self.margins)
-                    loss = loss + self.act_weight * terms["act"] \
-                        + self.memory_weight * terms["memory"]
-                outcome.final_loss = loss.item()
-                if not math.isfinite(outcome.final_loss):
-                    return False
-                if self.early_stop_loss is not None and task_loss.item() < self.early_stop_loss:
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                reg.after_step()
-                outcome.steps += 1
+            if not train_neurons(backbone, batch, request, self._layers, params, self.regularizer,
+                                 patch_loss, self.steps, self.lr, self.weight_decay,
+                                 self.early_stop_loss, outcome):
+                return False
         finally:
-            reg.end()
             for patch in self.patches:
                 patch.freeze()
         if self.remember_edits:
