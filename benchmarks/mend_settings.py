@@ -24,14 +24,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.rows import held_out_parser, mean_row, single_and_stream  # noqa: E402
+from benchmarks.rows import held_out, held_out_parser, mean_row, single_and_stream  # noqa: E402
 
-from benchmarks.spine import load  # noqa: E402
-from mmke.editors.base import NoEdit  # noqa: E402
 from mmke.editors.mend import MEND  # noqa: E402
-from mmke.evaluation.evaluator import Evaluator  # noqa: E402
-from mmke.evaluation.spec import MetricSpec  # noqa: E402
-from mmke.protocols.single import SingleEdit  # noqa: E402
 
 SETTINGS = [
     dict(rank=64, training=dict(steps=1000, batch_size=8, lr=1e-4)),
@@ -48,14 +43,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated indices into SETTINGS")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    backbone, source = load([f"backbone={args.backbone}", f"data={args.data}"])
-    train = source.records("train")
-    fit_on, scored = train[:-args.held_out], train[-args.edits:]
-    evaluator = Evaluator(MetricSpec(), source.templates)
-    unedited = NoEdit()
-    unedited.attach(backbone, source.templates)
-    base = SingleEdit().run(unedited, evaluator, scored, sink=lambda row: None, progress=False)
-    print(f"{'unedited':70} single: {mean_row(base)}")
+    setup = held_out(args, 70)
+    backbone, source, evaluator = setup.backbone, setup.source, setup.evaluator
+    fit_on, scored = setup.fit_on, setup.scored
     chosen = [int(i) for i in args.only.split(",")] if args.only else range(len(SETTINGS))
     for index in chosen:
         setting = SETTINGS[index]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
+from mmke.backbones.base import Backbone
 from mmke.data.record import EditRecord
 from mmke.editors.base import Editor
 from mmke.evaluation.evaluator import Evaluator
@@ -44,3 +47,36 @@ def held_out_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--edits", type=int, default=50)
     parser.add_argument("--stream", type=int, default=20)
     return parser
+
+
+@dataclass
+class HeldOut:
+    """What a held-out settings script works on: the backbone, the data source, the train
+    split (``train``) cut into ``fit_on`` (all but the last ``--held-out`` records, what the
+    editor fits on) and ``scored`` (the last ``--edits``), and the evaluator."""
+
+    backbone: Backbone
+    source: Any
+    train: list[EditRecord]
+    fit_on: list[EditRecord]
+    scored: list[EditRecord]
+    evaluator: Evaluator
+
+
+def held_out(args: argparse.Namespace, label_width: int = 64) -> HeldOut:
+    """Load ``--backbone``/``--data``, cut the train split, and print the unedited model's row
+    on the scored records (the baseline every setting is read against)."""
+    from benchmarks.spine import load
+    from mmke.editors.base import NoEdit
+    from mmke.evaluation.spec import MetricSpec
+
+    backbone, source = load([f"backbone={args.backbone}", f"data={args.data}"])
+    train = source.records("train")
+    setup = HeldOut(backbone, source, train, train[:-args.held_out], train[-args.edits:],
+                    Evaluator(MetricSpec(), source.templates))
+    unedited = NoEdit()
+    unedited.attach(backbone, source.templates)
+    base = SingleEdit().run(unedited, setup.evaluator, setup.scored, sink=lambda row: None,
+                            progress=False)
+    print(f"{'unedited':{label_width}} single: {mean_row(base)}")
+    return setup
