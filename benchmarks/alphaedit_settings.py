@@ -41,7 +41,10 @@ SETTINGS = [dict(L2=0.1), dict(L2=0.01), dict(L2=0.1, layers=[1, 2, 3]), dict(L2
             dict(L2=1e-3, layers=[1, 2], clamp_norm_factor=1.5, v_steps=40),
             dict(L2=0.01, layers=[1, 2], clamp_norm_factor=1.5, v_steps=40),
             dict(L2=0.01, layers=[1, 2], clamp_norm_factor=3.0, v_steps=40, v_weight_decay=0.1),
-            dict(L2=0.01, layers=[0, 1, 2], clamp_norm_factor=1.5, v_steps=40)]
+            dict(L2=0.01, layers=[0, 1, 2], clamp_norm_factor=1.5, v_steps=40),
+            dict(L2=0.01, layers=[0], clamp_norm_factor=1.5, v_steps=40),
+            dict(L2=0.01, layers=[0], clamp_norm_factor=4.0, v_steps=80, v_weight_decay=0.05),
+            dict(L2=0.01, layers=[0, 1], clamp_norm_factor=4.0, v_steps=80, v_weight_decay=0.05)]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -7,10 +7,18 @@ Fang et al., "AlphaEdit: Null-Space Constrained Knowledge Editing for Language M
 1. Target vectors (MEMIT §4.2 / Eq. 9-10; the authors' ``compute_z``). For each edit, a residual
    δ is added to the output of the last edited language layer (the residual stream there) at the
    edit prompt's last token, and Adam (``v_lr``, ``v_steps``) minimises
-   NLL(target) + ``v_weight_decay``·‖δ‖²/‖z₀‖², with ‖δ‖ clamped to ``clamp_norm_factor``·‖z₀‖
-   after every step. z = z₀ + δ. MEMIT's KL term on "{subject} is a" prompts is left out: a
-   multimodal prompt has no subject span, and the key token's next-token distribution is
-   exactly the one the edit must change, so there is no essence prompt to keep.
+   NLL(target) + ``v_weight_decay``·‖δ‖²/‖z₀‖², with ‖δ‖ clamped to
+   ``clamp_norm_factor``·‖z₀‖ after every step. (The authors' ``compute_z`` writes
+   ‖δ‖/‖z₀‖², which is not scale-free; measured on train edits it leaves the tiny LLaVA's Rel
+   where it is (90.0 single, stream 88.3 for 87.5) and costs the tiny BLIP-2 locality: single
+   T-Loc 97.0 → 94.0, stream T-Loc 69.7 → 48.6. So the squared, scale-free form is kept.) z = z₀ + δ. MEMIT's KL term on
+   "{subject} is a" prompts is left out: a multimodal prompt has no subject span, and the key
+   token's next-token distribution is exactly the one the edit must change, so there is no
+   essence prompt to keep.
+   One position carries δ, as in the authors' code: the target tokens after the first are
+   reached only through attention above the edited layers. Where a tokenizer splits an answer
+   (the tiny LLaVA's " no" is " " + "no"), a wrong token at another position barely moves
+   (conf/editor_backbone/alphaedit_tiny_llava.yaml).
 2. Keys k (MEMIT Eq. 14): the input of ``ffn_out`` (the FFN's hidden activation) at the same
    token, per edited layer.
 3. Spread (MEMIT Alg. 1): the layers are updated from the lowest up; before layer l's update
