@@ -239,16 +239,55 @@ class Backbone(ABC):
         mask = batch.image_token_mask.unsqueeze(-1).expand_as(embeds)
         return embeds.masked_scatter(mask, rows.to(embeds.dtype))
 
-    def language_model_copy(self) -> PreTrainedModel:
-        """A standalone causal language model (a transformers ``*ForCausalLM``) holding a copy of
-        this backbone's language weights: it reads the backbone's token ids and its logits span
-        the backbone's vocabulary. SERAC's counterfactual model starts from it on the embedded
-        default. Here a deep copy of ``decoder``, which is that model for BLIP-2 and MiniGPT-4;
-        adapters whose decoder is the whole multimodal model (LLaVA, Qwen2-VL) override it."""
+    def language_model_view(self) -> PreTrainedModel:
+        """A standalone causal language model (a transformers ``*ForCausalLM``) made of this
+        backbone's own language modules, nothing copied: token embedding, decoder layers, final
+        norm and LM head are the backbone's objects. It reads the backbone's token ids and its
+        logits span the backbone's vocabulary. Here ``decoder``, which is that model for BLIP-2
+        and MiniGPT-4; adapters whose decoder is the whole multimodal model (LLaVA, Qwen2-VL)
+        build a causal LM around their language modules."""
         if self.decoder is self.model:
             raise NotImplementedError(f"{type(self).__name__} must say how its language model is "
-                                      "copied out of the multimodal model")
-        return copy.deepcopy(self.decoder)
+                                      "taken out of the multimodal model")
+        return self.decoder
+
+    def language_model_copy(self) -> PreTrainedModel:
+        """``language_model_view`` as an independent copy (every weight copied): SERAC's
+        counterfactual model starts from it on the embedded default."""
+        return copy.deepcopy(self.language_model_view())
+
+    def language_model_top_copy(self, layers: int) -> tuple[PreTrainedModel, list[nn.Module]]:
+        """``language_model_view`` with its last ``layers`` decoder layers replaced by copies, and
+        those copies (first to last). Every other module (token embedding, the lower layers,
+        final norm, LM head) stays this backbone's own object, shared, not copied: a
+        counterfactual model that trains the top layers only costs their copies, not a second
+        language model."""
+        total = self.modules.num_language_layers
+        if not 1 <= layers <= total:
+            raise ValueError(f"language_model_top_copy({layers}): the language model has "
+                             f"{total} layers")
+        view = self.language_model_view()
+        top = [self.modules.language_layer(i) for i in range(total - layers, total)]
+        names = {id(m): name for name, m in view.named_modules()}
+        missing = [i for i, m in enumerate(top) if id(m) not in names]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: language layers {missing} are not part of "
+                             "language_model_view")
+        # copied: the top layers (with everything in them) and the modules that hold them (a new
+        # root and layer list, so the backbone's own are left as they are); all else is shared
+        copied = {id(m) for layer in top for m in layer.modules()}
+        holders = {prefix for m in top for prefix in _prefixes(names[id(m)])}
+        memo: dict[int, object] = {}
+        for name, module in view.named_modules():
+            if id(module) in copied:
+                continue
+            if name in holders:  # a holder's own tensors are shared too
+                tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+                memo.update({id(t): t for t in tensors})
+            else:
+                memo[id(module)] = module
+        lm = copy.deepcopy(view, memo)
+        return lm, [memo[id(m)] for m in top]  # deepcopy records each copy under its original
 
     def forward_inputs(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
         """Extra inputs of the decoder's forward besides the embeddings and mask (Qwen2-VL's
@@ -329,3 +368,9 @@ class Backbone(ABC):
         per_row = torch.zeros(len(batch), device=per_token.device).index_add_(0, rows, per_token)
         counts = torch.bincount(rows, minlength=len(batch)).clamp_min(1)
         return per_row / counts
+
+
+def _prefixes(name: str) -> list[str]:
+    """The dotted name of a module and of every module above it ("" is the root)."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts) + 1)]

@@ -93,12 +93,14 @@ class LlavaBackbone(FixedImageTokens):
         features = self.model.model.get_image_features(pixel_values=pixel_values).pooler_output
         return torch.stack(list(features))
 
-    def language_model_copy(self) -> LlamaForCausalLM:
-        """The Llama language model and LM head as a standalone ``LlamaForCausalLM`` (a copy)."""
-        lm = LlamaForCausalLM(self.model.config.text_config)
-        lm.model.load_state_dict(self.model.model.language_model.state_dict())
-        lm.lm_head.load_state_dict(self.model.lm_head.state_dict())
-        return lm.to(self.device, self.dtype)
+    def language_model_view(self) -> LlamaForCausalLM:
+        """The Llama language model and LM head as a standalone ``LlamaForCausalLM`` whose modules
+        are the backbone's own (the shell is built on the meta device: nothing is allocated)."""
+        with torch.device("meta"):
+            lm = LlamaForCausalLM(self.model.config.text_config)
+        lm.model = self.model.model.language_model
+        lm.lm_head = self.model.lm_head
+        return lm
 
 
 def load_llava(path: str | None, dtype: str = "float32", device: str = "auto",

@@ -205,20 +205,24 @@ class Qwen2VLBackbone(Backbone):
     def forward_inputs(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
         return {"position_ids": self.position_ids(batch)}
 
-    def language_model_copy(self) -> Qwen2ForCausalLM:
-        """The text model and LM head as a standalone ``Qwen2ForCausalLM`` (a copy). Its layers
-        are Qwen2's; on text alone Qwen2-VL's M-RoPE gives every token equal (t, h, w) positions,
-        which is Qwen2's 1-D RoPE, so the copy scores text exactly as the backbone does."""
+    def language_model_view(self) -> Qwen2ForCausalLM:
+        """The text model and LM head as a standalone ``Qwen2ForCausalLM`` whose modules are the
+        backbone's own (the shell is built on the meta device: nothing is allocated). It is
+        called with 1-D positions, which the text model repeats over (t, h, w): Qwen2-VL's M-RoPE
+        with equal positions is Qwen2's 1-D RoPE, so it scores text exactly as the backbone does,
+        and its config is a ``Qwen2Config`` (``AutoModelForCausalLM.from_config`` builds a Qwen2
+        of the same shape)."""
         text = self.model.config.text_config.to_dict()
         theta = (text.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         config = Qwen2Config(**{k: v for k, v in text.items()
                                 if k not in ("model_type", "architectures", "rope_scaling",
                                              "rope_parameters", "transformers_version")},
                              rope_parameters={"rope_type": "default", "rope_theta": theta})
-        lm = Qwen2ForCausalLM(config)
-        lm.model.load_state_dict(self.model.model.language_model.state_dict())
-        lm.lm_head.load_state_dict(self.model.lm_head.state_dict())
-        return lm.to(self.device, self.dtype)
+        with torch.device("meta"):
+            lm = Qwen2ForCausalLM(config)
+        lm.model = self.model.model.language_model
+        lm.lm_head = self.model.lm_head
+        return lm
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 16) -> list[str]:
