@@ -52,7 +52,8 @@ from mmke.backbones.base import IGNORE_INDEX, Backbone, ForwardOutput, ModelBatc
 from mmke.data.prompts import PromptTemplates, edit_prompts
 from mmke.data.record import EditRecord, Prompt
 from mmke.editors.base import EditOutcome
-from mmke.editors.serac_counterfactual import INITS, CounterfactualModel, load_counterfactual_lm
+from mmke.editors.serac_counterfactual import (BACKBONE, INITS, CounterfactualModel,
+                                               load_counterfactual_lm)
 from mmke.editors.serac_scope import ScopeClassifier, load_text_encoder
 from mmke.editors.training import TrainedEditor, TrainingSettings
 from mmke.encoders.sentence import MODEL_NAME as MINILM, SentenceEncoder
@@ -125,10 +126,15 @@ class Serac(TrainedEditor):
     Counterfactual model: ``counterfactual`` (a folder or hub id of a causal LM sharing the
     backbone's tokenizer, EasyEdit's facebook/opt-125m for BLIP-2; or ``backbone``, the
     backbone's own language model), ``counterfactual_init`` (``pretrained``: its weights;
-    ``random``: its architecture alone, freshly initialised). Loss weights: ``edit_weight``, ``image_weight``,
-    ``loc_weight``, ``cls_weight``; ``cross_negatives``: score every (input, edit) pair of a batch
-    in L_cls, not only each record's own. ``local_files_only``: never reach a model hub.
-    ``training``: ``TrainingSettings``; ``cache_dir``: where the trained networks are kept.
+    ``random``: its architecture alone, freshly initialised), ``counterfactual_trainable_layers``
+    (None: the counterfactual model trains whole; N: it is the backbone's own language model of
+    which only the last N decoder layers are copied and trained, everything else shared and
+    frozen, as EasyEdit's MiniGPT-4 SERAC trains only Vicuna's last layer; needs
+    ``counterfactual=backbone`` and ``counterfactual_init=pretrained``). Loss weights:
+    ``edit_weight``, ``image_weight``, ``loc_weight``, ``cls_weight``; ``cross_negatives``: score
+    every (input, edit) pair of a batch in L_cls, not only each record's own.
+    ``local_files_only``: never reach a model hub. ``training``: ``TrainingSettings``;
+    ``cache_dir``: where the trained networks are kept.
     """
 
     accepts_regularizer = False
@@ -138,7 +144,7 @@ class Serac(TrainedEditor):
                  classifier_normalize: bool = False, train_classifier_encoder: bool = True,
                  classifier_head_dim: int | None = None, classifier_lr: float | None = None,
                  counterfactual: str = "facebook/opt-125m", counterfactual_init: str = "pretrained",
-                 threshold: float = 0.5,
+                 counterfactual_trainable_layers: int | None = None, threshold: float = 0.5,
                  edit_weight: float = 0.1, image_weight: float = 0.1, loc_weight: float = 1.0,
                  cls_weight: float = 1.0, cross_negatives: bool = True,
                  local_files_only: bool = True,
@@ -166,6 +172,19 @@ class Serac(TrainedEditor):
         self.classifier_head_dim, self.classifier_lr = classifier_head_dim, classifier_lr
         check_choice("editor.counterfactual_init", counterfactual_init, INITS)
         self.counterfactual, self.counterfactual_init = counterfactual, counterfactual_init
+        layers = counterfactual_trainable_layers
+        if layers is not None:
+            if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+                raise ConfigError(f"editor.counterfactual_trainable_layers={layers!r} must be a "
+                                  "whole number >= 1, or null (the counterfactual model trains "
+                                  "whole)")
+            if counterfactual != BACKBONE or counterfactual_init != "pretrained":
+                raise ConfigError(
+                    f"editor.counterfactual_trainable_layers={layers} trains the last layers of "
+                    "the backbone's own language model and shares the rest with it: it needs "
+                    "editor.counterfactual=backbone and editor.counterfactual_init=pretrained "
+                    f"(got {counterfactual!r} and {counterfactual_init!r})")
+        self.counterfactual_trainable_layers = layers
         self.threshold = threshold
         self.edit_weight, self.image_weight = edit_weight, image_weight
         self.loc_weight, self.cls_weight = loc_weight, cls_weight
@@ -188,6 +207,10 @@ class Serac(TrainedEditor):
                 "terms (ODEdit's MMD and IRM-TV, ASAM's RCSL) to act on, and its training "
                 "objective already holds the KL locality term; the papers run SERAC with "
                 "reg=none. Use reg=none.")
+        layers, total = self.counterfactual_trainable_layers, backbone.modules.num_language_layers
+        if layers is not None and layers > total:
+            raise ConfigError(f"editor.counterfactual_trainable_layers={layers}: the backbone's "
+                              f"language model has {total} decoder layers")
         super().attach(backbone, templates, train_records)
         self.memory.clear()
         self._scope_memo.clear()
@@ -198,6 +221,9 @@ class Serac(TrainedEditor):
             "classifier_head_dim", "classifier_lr", "counterfactual", "counterfactual_init",
             "edit_weight",
             "image_weight", "loc_weight", "cls_weight", "cross_negatives")}
+        if self.counterfactual_trainable_layers is not None:
+            # only when set: the fits made before the setting existed keep their keys
+            settings["counterfactual_trainable_layers"] = self.counterfactual_trainable_layers
         if self.classifier == MINILM and self.cache_dir is not None:
             settings["classifier_weights"] = SentenceEncoder(
                 self.cache_dir, device="cpu", progress=False).fingerprint
@@ -211,9 +237,14 @@ class Serac(TrainedEditor):
                                     self.classifier_normalize, self.cache_dir,
                                     self.local_files_only)
         scope = ScopeClassifier(encoder, self.train_classifier_encoder, self.classifier_head_dim)
-        lm = load_counterfactual_lm(self.counterfactual, self.backbone, self.counterfactual_init,
-                                    self.local_files_only)
-        self._built = SeracNetworks(scope, CounterfactualModel(lm, self._vision_dim()))
+        if self.counterfactual_trainable_layers is None:
+            lm = load_counterfactual_lm(self.counterfactual, self.backbone,
+                                        self.counterfactual_init, self.local_files_only)
+            counterfactual = CounterfactualModel(lm, self._vision_dim())
+        else:
+            lm, top = self.backbone.language_model_top_copy(self.counterfactual_trainable_layers)
+            counterfactual = CounterfactualModel(lm, self._vision_dim(), top_layers=top)
+        self._built = SeracNetworks(scope, counterfactual)
         return self._built
 
     def optimizer_groups(self, networks: nn.Module) -> list[dict[str, Any]]:

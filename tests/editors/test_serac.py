@@ -339,10 +339,15 @@ def test_every_family_composes_its_settings(backbone_name):
     else:
         assert editor.classifier == "distilbert-base-cased" and editor.train_classifier_encoder
         assert editor.counterfactual_init == "pretrained"
+    if backbone_name in ("llava", "minigpt4", "qwen2vl"):  # EasyEdit's MiniGPT-4 setting
+        assert editor.counterfactual == "backbone" and editor.counterfactual_trainable_layers == 1
+    else:
+        assert editor.counterfactual_trainable_layers is None
 
 
 @pytest.mark.parametrize("setting, value", [("threshold", 1.0), ("edit_weight", -1.0),
-                                            ("classifier_lr", 0.0), ("classifier_head_dim", 0)])
+                                            ("classifier_lr", 0.0), ("classifier_head_dim", 0),
+                                            ("counterfactual_trainable_layers", 0)])
 def test_bad_settings_name_themselves(setting, value):
     with pytest.raises(ConfigError, match=f"editor.{setting}"):
         Serac(**{setting: value})
@@ -377,3 +382,105 @@ def test_every_family_fits_edits_and_routes(family_name, vqa_source, tmp_path):
     editor.restore()
     with torch.no_grad():
         assert torch.equal(editor.forward(batch).logits, reference)
+
+
+def _top_layers_editor(tmp_path, layers: int = 1, steps: int = 2) -> Serac:
+    """The real backbones' counterfactual setting (the backbone's own language model, its last
+    ``layers`` decoder layers trained) with the tiny settings' frozen MiniLM and its head."""
+    return Serac(classifier="all-MiniLM-L6-v2", classifier_pooling="mean",
+                 classifier_normalize=True, train_classifier_encoder=False,
+                 classifier_head_dim=384, counterfactual="backbone",
+                 counterfactual_trainable_layers=layers,
+                 training={"steps": steps, "batch_size": 2, "lr": 1e-3},
+                 cache_dir=str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("family_name", ["llava", "qwen2vl"])
+def test_a_top_layers_counterfactual_trains_its_copies_only(family_name, vqa_source, tmp_path):
+    """``counterfactual_trainable_layers=1`` on a Llama-style family and on Qwen2-VL: the
+    counterfactual model is the backbone's own language model around a copy of its last layer;
+    the copy (and the classifier) is all that is saved; a fit changes the copy and leaves the
+    backbone, which holds every frozen part, bit for bit as it was, hooks included; edit, route,
+    generate and restore work, and the backbone answers as before."""
+    backbone = build_random(family_name)
+    model = backbone.model
+    before, fingerprint, hooks = state(model), model_fingerprint(model), hook_count(model)
+    last = backbone.modules.language_layer(-1)
+    train = vqa_source.records("train", limit=8)
+    editor = _top_layers_editor(tmp_path)
+    editor.attach(backbone, vqa_source.templates, train_records=lambda: train)
+    assert editor.fit(train).trained_now
+    cf = editor.networks.counterfactual
+    lm = cf.language_model()
+    own = {id(p) for p in cf.layers.parameters()}
+    shared = {id(p) for p in model.parameters()}
+    assert own and not own & shared and {id(p) for p in lm.parameters()} - shared == own
+    assert all(k.startswith("layers.0.") for k in cf.state_dict())
+    changed = [k for k, v in cf.layers[0].state_dict().items()
+               if not torch.equal(v, last.state_dict()[k])]
+    assert changed  # the copy trained
+    assert [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])] == []
+    record = vqa_source.records("eval", limit=1)[0]
+    rel, _, m_gen, t_loc, _ = edit_prompts(record, vqa_source.templates)
+    batch = backbone.prepare([rel, m_gen, t_loc])
+    with torch.no_grad():
+        reference = backbone.forward(batch).logits
+    editor.edit([record])
+    assert editor.in_scope(editor.batch_scope_texts(batch)) == [0, 0, None]
+    with torch.no_grad():
+        logits = editor.forward(batch).logits
+    assert torch.equal(logits[2], reference[2]) and not torch.equal(logits[:2], reference[:2])
+    assert len(editor.generate([rel, t_loc], 3)) == 2
+    editor.restore()
+    with torch.no_grad():
+        assert torch.equal(editor.forward(batch).logits, reference)
+    assert [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])] == []
+    assert model_fingerprint(model) == fingerprint and hook_count(model) == hooks
+
+
+def test_a_top_layers_counterfactual_starts_as_the_backbone_and_trains_in_float32():
+    """Untrained, with no edit in context, the counterfactual model scores text as the backbone
+    does. On a bfloat16 backbone its copied layer holds float32 weights, the rest stays
+    bfloat16, and a backward reaches the copy alone."""
+    backbone = build_random("minigpt4")
+    lm, top = backbone.language_model_top_copy(2)
+    dim = backbone.decoder.get_input_embeddings().embedding_dim
+    cf = CounterfactualModel(lm, dim, top_layers=top)
+    batch = backbone.prepare([Prompt("Question: What colour is the square? Short answer:", "red")])
+    with torch.no_grad():
+        torch.testing.assert_close(cf([[]], batch, None), backbone.forward(batch).logits,
+                                   atol=1e-5, rtol=1e-4)
+    backbone.model.to(torch.bfloat16).requires_grad_(False)
+    lm, top = backbone.language_model_top_copy(1)
+    cf = CounterfactualModel(lm, dim, top_layers=top)
+    assert all(p.dtype == torch.float32 for p in cf.parameters())
+    assert backbone.modules.language_layer(-1).mlp.down_proj.weight.dtype == torch.bfloat16
+    logits = cf([[3, 4]], backbone.prepare([Prompt("nq question: a photo of", "green")]), None)
+    logits.logsumexp(-1).sum().backward()
+    assert torch.isfinite(logits).all() and logits.dtype == torch.float32
+    assert all(p.grad is not None for p in cf.parameters())
+    assert all(p.grad is None for p in backbone.model.parameters())
+
+
+def test_the_trainable_layers_are_part_of_the_cache_key(vqa_source):
+    backbone = build_random("llava")
+    train = vqa_source.records("train", limit=4)
+    keys = []
+    for layers in (None, 1, 2):
+        editor = Serac(counterfactual="backbone", counterfactual_trainable_layers=layers,
+                       cache_dir="unused")
+        editor.attach(backbone, vqa_source.templates)
+        keys.append(editor.training_key(train))
+    assert len(set(keys)) == 3
+
+
+def test_more_trainable_layers_than_the_backbone_has_is_refused(vqa_source):
+    backbone = build_random("llava")
+    total = backbone.modules.num_language_layers
+    editor = Serac(counterfactual="backbone", counterfactual_trainable_layers=total + 1)
+    with pytest.raises(ConfigError, match=f"editor.counterfactual_trainable_layers={total + 1}: "
+                                          f".*{total} decoder layers"):
+        editor.attach(backbone, vqa_source.templates)
+    with pytest.raises(ConfigError, match="counterfactual_trainable_layers=1 .*"
+                                          "editor.counterfactual=backbone"):
+        Serac(counterfactual="facebook/opt-125m", counterfactual_trainable_layers=1)
