@@ -444,6 +444,10 @@ def test_a_top_layers_counterfactual_starts_as_the_backbone_and_trains_in_float3
     bfloat16, and a backward reaches the copy alone."""
     backbone = build_random("minigpt4")
     lm, top = backbone.language_model_top_copy(2)
+    for copied, i in zip(top, (-2, -1)):  # copies of the last two layers, in order
+        original = backbone.modules.language_layer(i)
+        assert copied is not original and all(
+            torch.equal(v, original.state_dict()[k]) for k, v in copied.state_dict().items())
     dim = backbone.decoder.get_input_embeddings().embedding_dim
     cf = CounterfactualModel(lm, dim, top_layers=top)
     batch = backbone.prepare([Prompt("Question: What colour is the square? Short answer:", "red")])
