@@ -138,7 +138,9 @@ class Serac(TrainedEditor):
     """
 
     accepts_regularizer = False
-    code_version = "1"
+    # 2: counterfactual_init=random no longer copies the backbone's language model first, which on
+    # LLaVA and Qwen2-VL drew random weights and so moved the seed the fresh model starts from
+    code_version = "2"
 
     def __init__(self, classifier: str = "distilbert-base-cased", classifier_pooling: str = "cls",
                  classifier_normalize: bool = False, train_classifier_encoder: bool = True,
