@@ -105,7 +105,8 @@ def check_same_tokenizer(folder: str, backbone: Backbone, local_files_only: bool
             f"editor.counterfactual={folder}: its tokenizer splits text differently from the "
             "backbone's, and the counterfactual model reads the backbone's token ids; use a "
             "causal LM of the backbone's family (EasyEdit: facebook/opt-125m for BLIP-2 OPT), or "
-            "editor.counterfactual=backbone")
+            "editor.counterfactual=backbone, e.g. with editor.counterfactual_trainable_layers=1 "
+            "(EasyEdit's MiniGPT-4 setting: only the backbone's last layer is copied and trained)")
 
 
 def backbone_vocab(backbone: Backbone) -> int:
