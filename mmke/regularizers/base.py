@@ -21,6 +21,10 @@ Lifecycle, and what each call receives:
   ``context`` says which layers the editor modifies and which parameters it trains.
 - ``loss(step)`` once per optimisation step; ``after_step()`` after the editor's optimiser step
   (ODEdit's dual ascent); ``end()`` after the last step.
+- ``training_state()`` / ``load_training_state(state)``: what the regularizer has learnt and
+  carries from edit to edit (ODEdit's λ network and its Adam moments), as named tensors. A trained
+  editor whose objective holds the regularizer's terms (MEND) checkpoints it with its networks,
+  so a killed fit resumes to what an uninterrupted one gives. None by default.
 
 Adding a regularizer to a new loss-based editor (WISE, T-Patcher, MEND, UniKE) takes: build the
 requests with ``edit_requests(records, templates, regularizer.reveals)``, call ``begin`` with an
@@ -32,7 +36,7 @@ step and ``end()`` in a finally.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -194,6 +198,19 @@ class Regularizer:
 
     def reset(self) -> None:
         """Called by ``Editor.restore``: forget state carried across the edits of a stream."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The state carried from one edit to the next (learnt parameters, optimiser moments,
+        step counters), by name; a resumed fit puts it back with ``load_training_state``. Per-edit
+        state (between ``begin`` and ``end``) is not in it: a checkpoint is taken between
+        edits. None by default (ASAM: its random starts come from per-edit seeded generators)."""
+        return {}
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Put back what ``training_state`` returned; empty: the state a fresh one starts with."""
+        if state:
+            raise ValueError(f"reg={self.name} keeps no training state, but was given "
+                             f"{sorted(state)}")
 
     def summary(self) -> dict[str, float | str]:
         """Settings worth recording in the run's summary (e.g. a leaky opt-in)."""

@@ -16,12 +16,14 @@ flattened, non-detached trainable parameters): here through a fixed-size sketch 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from mmke.tensor_state import load_optimizer_tensors, optimizer_tensors
 
 RiskOfOmega = Callable[[torch.Tensor], torch.Tensor]
 
@@ -210,6 +212,20 @@ class AdaptiveLambda:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return lam.detach()
+
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """δ (``net.*``) and its Adam state (``opt.*``, the step counter included)."""
+        out = {f"net.{k}": v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
+        out.update({f"opt.{k}": v for k, v in optimizer_tensors(self.optimizer).items()})
+        return out
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Put back what ``state`` returned (the optimiser's settings are this one's)."""
+        self.net.load_state_dict({k[len("net."):]: v for k, v in state.items()
+                                  if k.startswith("net.")})
+        load_optimizer_tensors(self.optimizer, {k[len("opt."):]: v for k, v in state.items()
+                                                if k.startswith("opt.")})
 
 
 class FixedLambda:

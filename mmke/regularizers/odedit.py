@@ -49,7 +49,7 @@ only to reproduce that reading, and a run using them is flagged ``leaky`` (``lea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -181,15 +181,19 @@ class ODEdit(Regularizer):
         assert self.pool is not None
         return self.pool.out_of_scope(request, self.n_loc)
 
+    def _new_lambda(self) -> AdaptiveLambda | FixedLambda:
+        assert self.backbone is not None
+        return make_lambda(self.tv_lambda, sketch_dim=self.tv_sketch_dim, width=self.tv_width,
+                           depth=self.tv_depth, lr=self.tv_lr, seed=self.seed,
+                           device=self.backbone.device)
+
     def begin(self, requests: Sequence[EditRequest], context: EditContext) -> None:
         backbone = self.backbone
         assert backbone is not None and context.batch is not None
         if not context.trainable:
             raise ConfigError("reg=odedit needs an editor with trainable parameters")
         if self.lam is None or self.tv_persist == "edit":
-            self.lam = make_lambda(self.tv_lambda, sketch_dim=self.tv_sketch_dim,
-                                   width=self.tv_width, depth=self.tv_depth, lr=self.tv_lr,
-                                   seed=self.seed, device=backbone.device)
+            self.lam = self._new_lambda()
         uses = self.uses
         neighbours = [p for r in requests for p in self._neighbours(r)] if uses["gen"] else []
         out_of_scope = [p for r in requests for p in self._out_of_scope(r)] \
@@ -276,6 +280,27 @@ class ODEdit(Regularizer):
 
     def reset(self) -> None:
         self.lam = None  # the next stream starts with a fresh λ network (same seed)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The adaptive λ network and its Adam state (``lam.*``) while it persists across edits
+        (``tv_persist=stream``); nothing before the first edit, for a fixed λ, or per edit."""
+        if isinstance(self.lam, AdaptiveLambda) and self.tv_persist == "stream":
+            return {f"lam.{k}": v for k, v in self.lam.state().items()}
+        return {}
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        unknown = sorted(k for k in state if not k.startswith("lam."))
+        if unknown:
+            raise ValueError(f"reg={self.name}: unknown training state {unknown}")
+        if not state:
+            self.lam = None
+            return
+        lam = self._new_lambda()
+        if not isinstance(lam, AdaptiveLambda):
+            raise ValueError(f"reg={self.name}: a λ network's state for tv_lambda="
+                             f"{self.tv_lambda!r}")
+        lam.load_state({k[len("lam."):]: v for k, v in state.items()})
+        self.lam = lam
 
     def summary(self) -> dict[str, float | str]:
         """Where R_gen's neighbours and R_loc's samples came from ("train:<source>" / "train",
