@@ -36,10 +36,18 @@ regularizer approves of. This mirrors FT, whose loss is ``task_loss + loss(step)
 The regularizer's objective is taken on one train edit per step (the first of the step's batch),
 a stochastic estimate of its mean over edits: a regularizer keeps the state of one edit between
 ``begin`` and ``end``, ODEdit's dual ascent (``after_step``) changes its λ network in place and
-so must wait until ``fit`` has back-propagated the step's loss; it runs at the start of the next
-step (AdaptiveLambda: Eq. 13 shifted by half a step), and after the last one. It also bounds the
+so must wait until ``fit`` has back-propagated the step's loss; it runs once the optimiser has
+stepped (``step_done``; AdaptiveLambda: Eq. 13 with the penalty at φ^(k)). It also bounds the
 extra forwards (ODEdit's samples, ASAM's latent variants) to one edit's per step. The λ network is
-the regularizer's, not MEND's: it is neither cached nor restored by a resumed fit.
+the regularizer's, not MEND's: it is not in the cached networks, but the fit's checkpoint holds it
+(``Regularizer.training_state``), so a resumed fit ends as an uninterrupted one.
+
+Under ``accelerate launch`` (``fit``'s data parallelism) every process holds the same
+statistics: each merges the moments of every process's rows (``RunningMoments.update``), which
+equal one process's statistics of the whole batch. The first record of the batch, whose
+regularizer objective is taken, is the main process's; only it takes that term (weighed by the
+number of processes, whose gradients are averaged), so the λ network is trained once, as in one
+process.
 
 Editing: the factors of the edit prompt on the *current* weights (so in a sequential or online
 stream every edit lands on top of the previous ones, as in M-ORE's Table 1, where MEND collapses
@@ -64,7 +72,7 @@ from mmke.editors.mend_factors import (Factors, gradient_factors, low_rank_delta
                                        row_sum_nll)
 from mmke.editors.mend_nets import MendNetworks
 from mmke.editors.snapshot import WeightSnapshot
-from mmke.editors.training import TrainedEditor, TrainingSettings
+from mmke.editors.training import BatchShare, TrainedEditor, TrainingSettings
 from mmke.errors import ConfigError
 from mmke.regularizers.base import EditContext, Regularizer, RegularizerStep, edit_requests
 
@@ -160,14 +168,19 @@ class MEND(TrainedEditor):
         rest = [p for n, p in networks.named_parameters() if n != "edit_lrs"]
         return [{"params": rest}, {"params": [networks.edit_lrs], "lr": self.lr_lr}]
 
+    def step_done(self, step: int) -> None:
+        self._settle_regularizer()  # the dual ascent, before fit checkpoints the λ network
+
     def networks_trained(self) -> None:
         self._settle_regularizer()
         self.regularizer.reset()  # the training edits' λ network (ODEdit) is not the edits' one
 
     def pseudo_factors(self, factors: Sequence[Factors], rows: Sequence[Sequence[int]],
-                       update_stats: bool = False) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+                       update_stats: bool = False, across: BatchShare | None = None
+                       ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per edited matrix, per edit (the batch rows ``rows[e]`` of edit e): (ũ, δ̃). With
-        ``update_stats`` every edit's rows first join the running statistics."""
+        ``update_stats`` every edit's rows first join the running statistics, with the rows of
+        the other processes of ``across`` (training under accelerate)."""
         nets = self.nets
         out = []
         for slot, f in enumerate(factors):
@@ -175,8 +188,8 @@ class MEND(TrainedEditor):
             if update_stats:
                 key, _ = nets.slots[slot]
                 gt = nets.nets[key]
-                gt.u_norm.update(torch.cat([u for u, _ in pairs]))
-                gt.delta_norm.update(torch.cat([d for _, d in pairs]))
+                gt.u_norm.update(torch.cat([u for u, _ in pairs]), across)
+                gt.delta_norm.update(torch.cat([d for _, d in pairs]), across)
             out.append([nets.transform(slot, u, d) for u, d in pairs])
         return out
 
@@ -189,8 +202,9 @@ class MEND(TrainedEditor):
         prompts = [edit_prompts(r, self.templates) for r in batch]
         edit_batch = backbone.prepare([p[0] for p in prompts], append_eos=self.append_eos)
         factors = gradient_factors(backbone, edit_batch, modules, row_sum_nll(backbone))
+        share = self.share_of(batch)
         pseudo = self.pseudo_factors(factors, [[e] for e in range(len(batch))],
-                                     update_stats=nets.training)
+                                     update_stats=nets.training, across=share)
         kinds = [(k, i) for k, i in OUTER if self.weights[k] > 0]
         outer = backbone.prepare([p[i] for p in prompts for _, i in kinds])
         row_edit = torch.arange(len(batch), device=outer.input_ids.device
@@ -210,11 +224,12 @@ class MEND(TrainedEditor):
         terms = per_row.reshape(len(batch), len(kinds))
         parts = {k: float(terms[:, j].detach().mean()) for j, (k, _) in enumerate(kinds)}
         weights = torch.tensor([self.weights[k] for k, _ in kinds], device=terms.device)
-        loss = (terms * weights).sum(dim=1).mean()  # a mean over records (data-parallel halves)
-        if self.regularizer.active and batch:
+        loss = share.row_mean((terms * weights).sum(dim=1))  # a mean over the batch's records
+        if self.regularizer.active and batch and share.positions[0] == 0:
+            # the batch's first edit: one process takes it, for all (gradients are averaged)
             reg = self._regularized(batch[0], modules, [p[0] for p in pseudo], step)
             parts["reg"] = float(reg.detach())
-            loss = loss + reg
+            loss = loss + reg * share.world
         parts["alpha"] = float(nets.edit_lrs.detach().abs().mean())
         return loss, parts
 

@@ -14,7 +14,9 @@ What is implemented, and where the paper is silent, what the authors' code does:
   normalised to zero mean and unit variance before g). ``RunningMoments`` keeps Welford's running
   mean and sum of squared deviations over every factor row seen in training (rows whose u or δ is
   all zero, e.g. padding or positions after the last target, are skipped, as the reference code
-  does); a batch of rows is merged exactly by Chan et al.'s parallel update. Variance is the
+  does); a batch of rows is merged exactly by Chan et al.'s parallel update, and under
+  ``accelerate launch`` so are the batch moments of every process (``merge_moments``), so that
+  each process holds the statistics of the whole batch. Variance is the
   unbiased one (count − 1), as the reference code. The statistics are frozen outside training.
   One pair of statistics per network, i.e. per weight shape, shared by the layers of that shape
   (the reference code's ``shared: true``).
@@ -37,9 +39,39 @@ What is implemented, and where the paper is silent, what the authors' code does:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from mmke.editors.training import BatchShare
+
+
+Moments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def batch_moments(rows: torch.Tensor) -> Moments:
+    """(count, mean, M2) of the rows ``[n, dim]`` in float64 (zeros for no rows)."""
+    x = rows.detach().to(torch.float64)
+    count = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+    if x.shape[0] == 0:
+        return count, x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
+    mean = x.mean(dim=0)
+    return count, mean, ((x - mean) ** 2).sum(dim=0)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """The moments of two sets of rows together, from each set's (Chan, Golub & LeVeque's
+    parallel update: exact up to rounding, whatever the split)."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    total = n_a + n_b
+    if float(total) == 0:
+        return a
+    diff = mean_b - mean_a
+    mean = mean_a + diff * (n_b / total)
+    return total, mean, m2_a + (m2_b + diff ** 2 * (n_a * n_b / total))
 
 
 class RunningMoments(nn.Module):
@@ -55,20 +87,21 @@ class RunningMoments(nn.Module):
         self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, rows: torch.Tensor) -> None:
-        """Merge the rows ``[n, dim]`` into the statistics."""
-        if rows.shape[0] == 0:
-            return
-        x = rows.detach().to(torch.float64)
-        n_b = float(x.shape[0])
-        mean_b = x.mean(dim=0)
-        m2_b = ((x - mean_b) ** 2).sum(dim=0)
-        n_a = float(self.count)
-        total = n_a + n_b
-        diff = mean_b - self.mean
-        self.mean += diff * (n_b / total)
-        self.m2 += m2_b + diff ** 2 * (n_a * n_b / total)
-        self.count += n_b
+    def update(self, rows: torch.Tensor, across: BatchShare | None = None) -> None:
+        """Merge the rows ``[n, dim]`` into the statistics; with ``across`` (a fit's batch over
+        several processes) the rows of every process, merged in process order. Every process
+        of ``across`` must call it (a collective), with or without rows."""
+        batch = batch_moments(rows)
+        if across is not None and across.world > 1:
+            dim = batch[1].shape[0]
+            every = across.gather_all(torch.cat([batch[0][None], batch[1], batch[2]]))
+            batch = (every[0, 0], every[0, 1:dim + 1], every[0, dim + 1:])
+            for other in every[1:]:
+                batch = merge_moments(batch, (other[0], other[1:dim + 1], other[dim + 1:]))
+        count, mean, m2 = merge_moments((self.count, self.mean, self.m2), batch)
+        self.count.copy_(count)
+        self.mean.copy_(mean)
+        self.m2.copy_(m2)
 
     @property
     def var(self) -> torch.Tensor:

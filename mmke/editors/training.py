@@ -15,7 +15,14 @@ does the rest, once for all of them:
 - batches are a deterministic function of (seed, step), so a resumed or a repeated fit sees the
   same records in the same order;
 - under ``accelerate launch`` (a torch.distributed process group) each process takes its share of
-  every batch and the gradients are averaged (data parallel); the main process writes the files;
+  every batch and the gradients are averaged (data parallel); the main process writes the files.
+  ``self.share`` (a ``BatchShare``) tells ``training_loss`` where its records sit in the step's
+  batch, so a method whose objective couples the batch's records (LiveEdit's routing losses,
+  MEND's running statistics) can gather what it needs from the other processes and weigh its
+  means so that the averaged gradients are the one-process gradients;
+- the regularizer's training state (``Regularizer.training_state``: ODEdit's λ network and its
+  Adam moments, which MEND's meta-loss trains) is checkpointed with the networks, so a resumed
+  fit with a regularizer ends as an uninterrupted one too;
 - the backbone is frozen while training (its ``requires_grad`` flags are put back after), so no
   gradient accumulates on it and no step can change it.
 """
@@ -45,6 +52,7 @@ from mmke.editors.snapshot import RequiresGrad
 from mmke.errors import ConfigError, MMKEError
 from mmke.regularizers.base import Regularizer
 from mmke.results.atomic import atomic_write_bytes
+from mmke.tensor_state import load_optimizer_tensors, optimizer_tensors
 
 FINAL = "final.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
@@ -147,6 +155,89 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherRows(torch.autograd.Function):
+    """all_gather with a gradient: forward stacks every process's ``[rows, ...]`` tensor into
+    ``[world, rows, ...]``; backward sums, over the processes, the gradients their losses sent to
+    this process's rows (each process's loss may read every process's rows)."""
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world = dist.get_world_size()
+        out = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(out, local.contiguous())
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # gloo has no reduce_scatter: sum all, keep this process's slice
+        return grad[dist.get_rank()]
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """This process's records of a step's batch: positions ``rank, rank + world, ...`` of the
+    ``size`` records (``chosen[rank::world]``). Outside a process group: the whole batch.
+
+    The processes' gradients are averaged, so a term enters a process's loss as its part of the
+    whole batch's term times ``world``: ``row_mean`` and ``item_mean`` weigh a mean over this
+    process's rows (or items, e.g. target tokens) that way; a term every process computes
+    alike from ``gather``ed values is the whole batch's term already."""
+
+    rank: int = 0
+    world: int = 1
+    size: int = 0
+
+    @classmethod
+    def whole(cls, size: int) -> BatchShare:
+        return cls(0, 1, size)
+
+    @property
+    def positions(self) -> list[int]:
+        """This process's rows' positions in the batch, in row order."""
+        return list(range(self.rank, self.size, self.world))
+
+    @property
+    def rows(self) -> int:
+        return len(self.positions)
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """``[rows, ...]`` of this process -> ``[size, ...]`` of the whole batch, in batch order,
+        differentiable (gradients reach the process that computed each row)."""
+        if local.shape[0] != self.rows:
+            raise ValueError(f"gather: {local.shape[0]} rows, this process holds {self.rows}")
+        if self.world == 1:
+            return local
+        most = -(-self.size // self.world)  # shares differ by one row at most: pad to the larger
+        padded = torch.cat([local, local.new_zeros(most - self.rows, *local.shape[1:])])
+        stacked = _GatherRows.apply(padded)  # [world, most, ...]
+        # batch position j is row j // world of process j % world
+        return stacked.transpose(0, 1).reshape(most * self.world, *local.shape[1:])[: self.size]
+
+    def gather_all(self, local: torch.Tensor) -> torch.Tensor:
+        """``[world, ...]``: every process's ``local`` (same shape everywhere), no gradient."""
+        if self.world == 1:
+            return local.detach()[None]
+        out = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(out, local.detach().contiguous())
+        return torch.stack(out)
+
+    def row_mean(self, per_row: torch.Tensor) -> torch.Tensor:
+        """This process's part of the mean over the batch's rows of ``per_row`` ``[rows]``."""
+        return self.item_mean(per_row.mean(), self.rows, self.size)
+
+    def item_mean(self, local_mean: torch.Tensor, count: int, total: int | None = None
+                  ) -> torch.Tensor:
+        """This process's part of a mean over the whole batch's items, from the mean of its own
+        ``count`` items (``total``: the batch's count; summed over the processes when None)."""
+        if self.world == 1:
+            return local_mean
+        if total is None:
+            counts = self.gather_all(torch.tensor(float(count), device=local_mean.device))
+            total = int(counts.sum())
+        return local_mean * (count * self.world / max(total, 1))
+
+
 def batch_indices(n_records: int, batch_size: int, step: int, seed: int) -> list[int]:
     """The records of optimisation ``step``: epochs are seeded permutations of the train split,
     read in order, so the batch of a step never depends on the steps before it."""
@@ -180,6 +271,8 @@ class TrainedEditor(Editor):
         self.progress = progress
         self.networks: nn.Module | None = None
         self.fit_report: FitReport | None = None
+        #: where ``training_loss``'s records sit in the step's batch (set by ``fit`` per step)
+        self.share: BatchShare | None = None
 
     # --- what a method supplies ----------------------------------------------------------
 
@@ -190,8 +283,9 @@ class TrainedEditor(Editor):
     @abstractmethod
     def training_loss(self, batch: Sequence[EditRecord], step: int
                       ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The method's objective on ``batch`` (this process's share of the step's records),
-        and its parts as floats for the progress bar."""
+        """The method's objective on ``batch`` (this process's share of the step's records,
+        ``share_of(batch)``), and its parts as floats for the progress bar. The processes'
+        gradients are averaged, so a mean over the batch's records is ``share.row_mean``."""
 
     @abstractmethod
     def cache_settings(self) -> dict[str, Any]:
@@ -203,6 +297,14 @@ class TrainedEditor(Editor):
 
     def networks_trained(self) -> None:
         """Called once ``self.networks`` holds the trained (or loaded) networks."""
+
+    def step_done(self, step: int) -> None:
+        """Called after the optimiser step of ``step``, before a checkpoint is written: what the
+        step leaves pending (MEND: the regularizer's ``after_step``) must be done by then."""
+
+    def share_of(self, batch: Sequence[EditRecord]) -> BatchShare:
+        """``batch``'s place in the step's batch: ``self.share`` in ``fit``, else all of it."""
+        return self.share if self.share is not None else BatchShare.whole(len(batch))
 
     # --- the cache -------------------------------------------------------------------------
 
@@ -257,10 +359,13 @@ class TrainedEditor(Editor):
         assert self.backbone is not None
         rank, world = _distributed()
         settings = self.training
+        if settings.batch_size < world:
+            raise ConfigError(f"editor.training.batch_size={settings.batch_size} gives some of the "
+                              f"{world} processes no record; use at least {world}")
         optimizer = torch.optim.Adam(self.optimizer_groups(networks), lr=settings.lr)
         for group in optimizer.param_groups:  # saved with the groups, so a resume keeps it
             group["initial_lr"] = group["lr"]
-        first = _load(folder / CHECKPOINT, key, networks, optimizer) or 0
+        first = _load(folder / CHECKPOINT, key, networks, optimizer, self.regularizer) or 0
         report = FitReport(key, str(folder), trained_now=True, resumed_from=first)
         frozen = RequiresGrad(self.backbone.model)
         self.backbone.model.requires_grad_(False)
@@ -271,8 +376,8 @@ class TrainedEditor(Editor):
             networks.train()
             for step in bar:
                 chosen = batch_indices(len(records), settings.batch_size, step, settings.seed)
-                share = [records[i] for i in chosen[rank::world]]
-                loss, parts = self.training_loss(share, step)
+                self.share = BatchShare(rank, world, len(chosen))
+                loss, parts = self.training_loss([records[i] for i in chosen[rank::world]], step)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"editor={self.name}: non-finite training loss at step {step} "
@@ -286,13 +391,15 @@ class TrainedEditor(Editor):
                 if settings.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
                 optimizer.step()
+                self.step_done(step)
                 report.steps_run += 1
                 report.last_losses = {"loss": loss.item(), **parts}
                 bar.set_postfix({k: f"{v:.3g}" for k, v in report.last_losses.items()})
                 done = step + 1
                 if rank == 0 and done % settings.checkpoint_every == 0 and done < settings.steps:
-                    _write(folder / CHECKPOINT, key, networks, optimizer, done)
+                    _write(folder / CHECKPOINT, key, networks, optimizer, done, self.regularizer)
         finally:
+            self.share = None
             frozen.restore()
             bar.close()
         if rank == 0:
@@ -314,28 +421,30 @@ def _average_gradients(params: Sequence[nn.Parameter], world: int) -> None:
 
 
 def _write(path: Path, key: str, networks: nn.Module, optimizer: torch.optim.Optimizer | None,
-           step: int) -> None:
-    """Networks (``net.*``), Adam state (``opt.<index>.<name>``), the RNG and the step, in one
-    safetensors file, written atomically."""
+           step: int, regularizer: Regularizer | None = None) -> None:
+    """Networks (``net.*``), Adam state (``opt.<index>.<name>``), the regularizer's training
+    state (``reg.*``), the RNG and the step, in one safetensors file, written atomically."""
     # cloned: tied weights (an LM head sharing its embedding) are one storage, which safetensors
     # refuses to write twice
     tensors = {f"net.{k}": v.detach().cpu().clone().contiguous()
                for k, v in networks.state_dict().items()}
     meta = {"key": key, "step": str(step)}
     if optimizer is not None:
-        state = optimizer.state_dict()
-        for index, entry in state["state"].items():
-            for name, value in entry.items():
-                tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        meta["param_groups"] = json.dumps(state["param_groups"])
+        tensors.update({f"opt.{k}": v for k, v in optimizer_tensors(optimizer).items()})
+        meta["param_groups"] = json.dumps(optimizer.state_dict()["param_groups"])
         tensors["rng.torch"] = torch.get_rng_state()
+    if regularizer is not None:
+        tensors.update({f"reg.{k}": v.detach().cpu().clone().contiguous()
+                        for k, v in regularizer.training_state().items()})
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def _load(path: Path, key: str, networks: nn.Module,
-          optimizer: torch.optim.Optimizer | None = None) -> int | None:
-    """Read ``path`` into ``networks`` (and ``optimizer`` and the RNG): the step it holds, or
-    None when it is missing, unreadable or of another key (then nothing is changed)."""
+          optimizer: torch.optim.Optimizer | None = None,
+          regularizer: Regularizer | None = None) -> int | None:
+    """Read ``path`` into ``networks`` (and ``optimizer``, ``regularizer`` and the RNG): the step
+    it holds, or None when it is missing, unreadable or of another key (then nothing is
+    changed)."""
     if not path.is_file():
         return None
     try:
@@ -353,12 +462,11 @@ def _load(path: Path, key: str, networks: nn.Module,
         return None
     networks.load_state_dict(net)
     if optimizer is not None:
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, index, name = k.split(".", 2)
-                state.setdefault(int(index), {})[name] = v
-        optimizer.load_state_dict({"state": state,
-                                   "param_groups": json.loads(meta["param_groups"])})
+        load_optimizer_tensors(optimizer, {k[len("opt."):]: v for k, v in tensors.items()
+                                           if k.startswith("opt.")},
+                               json.loads(meta["param_groups"]))
         torch.set_rng_state(tensors["rng.torch"])
+    if regularizer is not None:
+        regularizer.load_training_state({k[len("reg."):]: v for k, v in tensors.items()
+                                         if k.startswith("reg.")})
     return int(meta.get("step", 0))

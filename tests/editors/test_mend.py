@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mmke.data.prompts import edit_prompts
 from mmke.editors.base import NoEdit
 from mmke.editors.mend import MEND
 from mmke.editors.mend_factors import row_sum_nll
-from mmke.editors.mend_nets import GradientTransform, MendNetworks, RunningMoments
+from mmke.editors.mend_nets import (GradientTransform, MendNetworks, RunningMoments,
+                                    batch_moments, merge_moments)
+from mmke.editors.training import CHECKPOINT
 from mmke.errors import ConfigError
 from mmke.evaluation.evaluator import Evaluator
 from mmke.evaluation.spec import MetricSpec
@@ -170,6 +173,33 @@ def test_the_online_normalisation_equals_batch_statistics():
                                rtol=1e-6, atol=1e-6)
 
 
+def test_merged_moments_of_each_process_equal_the_moments_of_the_whole_batch():
+    """What every process of an accelerate fit merges (``RunningMoments.update`` with a
+    ``BatchShare``): Chan et al.'s merge of each share's (count, mean, M2), uneven shares and an
+    empty one included, equals the statistics of the concatenated batch."""
+    gen = torch.Generator().manual_seed(1)
+    shares = [torch.randn(5, 7, generator=gen, dtype=torch.float64) * 3.0 + 5.0,
+              torch.zeros(0, 7, dtype=torch.float64),
+              torch.randn(4, 7, generator=gen, dtype=torch.float64) * 0.5 - 2.0,
+              torch.randn(1, 7, generator=gen, dtype=torch.float64)]
+    merged = batch_moments(shares[0])
+    for share in shares[1:]:
+        merged = merge_moments(merged, batch_moments(share))
+    whole = torch.cat(shares)
+    count, mean, m2 = merged
+    assert float(count) == len(whole)
+    torch.testing.assert_close(mean, whole.mean(dim=0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m2 / (count - 1), whole.var(dim=0), rtol=1e-12, atol=1e-12)
+    # merged into running statistics that had already seen rows: as if they came one by one
+    moments, single = RunningMoments(7), RunningMoments(7)
+    moments.update(shares[2])
+    moments.update(torch.cat(shares[:2]))
+    for row in torch.cat([shares[2], shares[0]]):
+        single.update(row[None])
+    torch.testing.assert_close(moments.mean, single.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moments.m2, single.m2, rtol=1e-12, atol=1e-12)
+
+
 def test_training_moves_the_statistics_and_editing_does_not(random_tiny, vqa_source, tmp_path):
     editor = make_random(random_tiny, vqa_source, tmp_path)
     editor.fit(vqa_source.records("train"))
@@ -205,6 +235,46 @@ def test_a_regularizer_changes_what_training_yields(random_tiny, vqa_source, tmp
     assert any(not torch.equal(alone[k], regularized[k]) for k in alone)
     after = random_tiny.model.state_dict()
     assert [k for k, v in after.items() if not torch.equal(v, before[k])] == []
+
+
+class KilledMEND(MEND):
+    """MEND whose fit is killed (KeyboardInterrupt) when it reaches step ``fail_at``."""
+
+    def __init__(self, fail_at: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fail_at = fail_at
+
+    def training_loss(self, batch, step):
+        if step == self.fail_at:
+            raise KeyboardInterrupt
+        return super().training_loss(batch, step)
+
+
+def test_a_killed_fit_with_odedit_resumes_to_the_uninterrupted_networks(random_tiny, vqa_source,
+                                                                        tmp_path):
+    """ODEdit's λ network ascends on the terms MEND's meta-loss holds: the checkpoint keeps it,
+    its Adam moments and step counter (``Regularizer.training_state``) after the step's dual
+    ascent, so a fit killed after a checkpoint resumes to bit-identical networks."""
+    train = vqa_source.records("train")
+
+    def fit(folder: str, fail_at: int | None = None) -> KilledMEND:
+        editor = KilledMEND(rank=8, training={"steps": 4, "batch_size": 2, "lr": 1e-2,
+                                              "checkpoint_every": 2},
+                            cache_dir=str(tmp_path / folder), progress=False,
+                            regularizer=ODEdit(), fail_at=fail_at)
+        editor.attach(random_tiny, vqa_source.templates, train_records=lambda: train)
+        editor.fit(train)
+        return editor
+
+    whole = fit("whole")
+    with pytest.raises(KeyboardInterrupt):
+        fit("killed", fail_at=3)
+    saved = load_file(next((tmp_path / "killed").rglob(CHECKPOINT)))
+    assert int(saved["reg.lam.opt.0.step"]) == 2  # the λ network's two dual steps so far
+    resumed = fit("killed")
+    assert resumed.fit_report.resumed_from == 2 and resumed.fit_report.steps_run == 2
+    expected, got = whole.networks.state_dict(), resumed.networks.state_dict()
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
 
 
 def test_editing_before_fit_is_an_error(random_tiny, vqa_source):
