@@ -104,6 +104,15 @@ def launch(processes: int, *overrides: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def launch_module(processes: int, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch -m module args` on `processes` CPU processes, as `launch`."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "0", "-m", module, *args]
+    return subprocess.run(cmd, cwd=ROOT, env={**env(), "ACCELERATE_USE_CPU": "1"},
+                          capture_output=True, text=True, timeout=600)
+
+
 def single(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "run.py", "progress=false", *overrides], cwd=ROOT,
                           env=env(), capture_output=True, text=True, timeout=600)

@@ -16,7 +16,11 @@ Low-Rank Mixture-of-Experts"; the networks are in ``liveedit_nets``).
   rephrase) NLL with each row's own expert plus a random set of the batch's others; KL(post ‖ pre)
   on multimodal-locality prompts with a random set; the soft-routing loss (softmax and sigmoid
   terms) and the hard-routing neighbour and prototype losses over the batch. Train records only:
-  nothing scored enters.
+  nothing scored enters. Under ``accelerate launch`` each process runs its share of the batch's
+  forwards, but the terms coupling the batch read all of it: the experts the hook builds and the
+  routing features are gathered from every process with their gradients (``BatchShare.gather``),
+  the random draws are the one-process draws, and the means are weighed so that the processes'
+  averaged gradients are the one-process gradient.
 
 Positions: image tokens are the picture; attended text tokens that are not answer tokens are
 the question (the family's template included); answer tokens are the teacher-forced target.
@@ -41,7 +45,7 @@ from mmke.editors.base import EditOutcome
 from mmke.editors.liveedit_nets import (
     LiveEditNetworks, RoutingFeatures, neighbour_loss, prototype_loss, soft_coefficients,
     soft_routing_loss)
-from mmke.editors.training import TrainedEditor
+from mmke.editors.training import BatchShare, TrainedEditor
 from mmke.errors import ConfigError
 from mmke.regularizers.base import Regularizer
 from mmke.regularizers.divergence import locality_kl
@@ -80,6 +84,10 @@ class Experts:
     def __len__(self) -> int:
         return self.text.shape[0]
 
+    def gathered(self, share: BatchShare) -> Experts:
+        """The experts of the whole batch, in batch order, from this process's share of them."""
+        return Experts(*(share.gather(t) for t in (self.text, self.vision, self.c, self.r)))
+
     def extended(self, other: Experts) -> Experts:
         mine = (self.text, self.vision, self.c, self.r)
         theirs = (other.text, other.vision, other.c, other.r)
@@ -95,6 +103,7 @@ class Plan:
     allowed: torch.Tensor | None = None   # training: [b, n] experts each row may use
     capture: bool = False                 # only record the layer's states (change nothing)
     make_experts: bool = False            # training: build the batch's experts from these states
+    share: BatchShare | None = None       # training: the batch the experts are gathered from
     captured: list[torch.Tensor] = field(default_factory=list)
     coefficients: torch.Tensor | None = None  # kept from generation's first step
 
@@ -156,52 +165,62 @@ class LiveEdit(TrainedEditor):
                       ) -> tuple[torch.Tensor, dict[str, float]]:
         assert self.backbone is not None
         records = list(batch)
-        b = len(records)
+        # the whole batch's size and this process's rows of it: the draws, the experts and the
+        # routing losses are those of the whole batch (one process: its records are all of it)
+        share = self.share_of(records)
+        b, mine = share.size, torch.tensor(share.positions)
         gen = torch.Generator().manual_seed(self.training.seed * 1_000_003 + step)
         prompts = [edit_prompts(r, self.templates) for r in records]
         kinds = {"rel": 0, "t_gen": 1, "m_gen": 2, "m_loc": 4}
         device = self.backbone.device
-        own = torch.eye(b, dtype=torch.bool, device=device)
+        own = torch.eye(b, dtype=torch.bool, device=device)[mine]
+
+        def others() -> torch.Tensor:
+            return _random_prefix(b, gen, device)[mine]
+
         states: dict[str, tuple[torch.Tensor, Segments]] = {}
         parts: dict[str, torch.Tensor] = {}
         with self._hooked():
             # reliability: the edits' own prompts; the hook builds the batch's experts from them
             rel, rel_plan, rel_batch = self._run([p[kinds["rel"]] for p in prompts],
-                                                 Plan(make_experts=True,
-                                                      allowed=own | _random_prefix(b, gen, device)))
+                                                 Plan(make_experts=True, share=share,
+                                                      allowed=own | others()))
             experts = rel_plan.experts
             assert experts is not None
             states["rel"] = (rel_plan.captured[0], Segments.of(rel_batch))
-            parts["rel"] = self.backbone.nll(rel_batch, rel, reduction="none").mean()
+            parts["rel"] = share.row_mean(self.backbone.nll(rel_batch, rel, reduction="none"))
             parts["gen"] = torch.zeros((), device=device)
             for kind in ("t_gen", "m_gen"):
                 out, plan, model_batch = self._run(
                     [p[kinds[kind]] for p in prompts],
-                    Plan(experts=experts, allowed=own | _random_prefix(b, gen, device)))
+                    Plan(experts=experts, allowed=own | others()))
                 states[kind] = (plan.captured[0], Segments.of(model_batch))
-                parts["gen"] = parts["gen"] + self.backbone.nll(model_batch, out,
-                                                                reduction="none").mean()
+                parts["gen"] = parts["gen"] + share.row_mean(
+                    self.backbone.nll(model_batch, out, reduction="none"))
             loc_prompts = [p[kinds["m_loc"]] for p in prompts]
             with torch.no_grad():
                 pre, _, _ = self._run(loc_prompts, Plan(capture=True))
-            out, plan, loc_batch = self._run(loc_prompts, Plan(
-                experts=experts, allowed=_random_prefix(b, gen, device)))
+            out, plan, loc_batch = self._run(loc_prompts, Plan(experts=experts, allowed=others()))
             states["m_loc"] = (plan.captured[0], Segments.of(loc_batch))
             rows, cols = loc_batch.target_positions()
-            parts["loc"] = locality_kl(out.logits[rows, cols], pre.logits[rows, cols])
-        parts.update(self._routing_losses(states, gen))
+            # a mean over the whole batch's target tokens
+            parts["loc"] = share.item_mean(
+                locality_kl(out.logits[rows, cols], pre.logits[rows, cols]), len(rows))
+        parts.update(self._routing_losses(states, gen, share))
         loss = sum(self.weights[k] * parts[k] for k in self.weights)
         assert isinstance(loss, torch.Tensor)
         return loss, {k: v.item() for k, v in parts.items()}
 
     def _routing_losses(self, states: dict[str, tuple[torch.Tensor, Segments]],
-                        gen: torch.Generator) -> dict[str, torch.Tensor]:
+                        gen: torch.Generator, share: BatchShare) -> dict[str, torch.Tensor]:
         """§3.4's routing losses, as the authors build them: per record, two states from the
         same neighbourhood (its edit and rephrases; or its locality prompt), and for the
-        prototype loss two from different ones."""
+        prototype loss two from different ones. Over the whole batch: each process computes
+        its rows' features and gathers the others', so every process computes the whole
+        batch's losses (and the averaged gradients are theirs)."""
         nets = self.nets
         groups = {0: ("rel",), 1: ("t_gen", "m_gen"), 2: ("m_loc",)}
-        b = states["rel"][0].shape[0]
+        b = share.size
 
         def pick(group: int) -> str:
             options = groups[group]
@@ -213,8 +232,9 @@ class LiveEdit(TrainedEditor):
             text, vision = [], []
             for kind in sorted(set(kinds)):
                 reps, seg = states[kind]
-                text.append((kind, extractor.textual(reps, seg.question)))
-                vision.append((kind, extractor.visual(reps, seg.question, seg.vision)))
+                text.append((kind, share.gather(extractor.textual(reps, seg.question))))
+                vision.append((kind, share.gather(extractor.visual(reps, seg.question,
+                                                                   seg.vision))))
             t, v = dict(text), dict(vision)
             rows = torch.arange(b)
             return (torch.stack([t[k][j] for j, k in zip(rows.tolist(), kinds)]),
@@ -224,7 +244,8 @@ class LiveEdit(TrainedEditor):
             protos = {}
             for kind in sorted(set(kinds)):
                 reps, seg = states[kind]
-                protos[kind] = nets.input_features.prototype_visual(reps, seg.question)
+                protos[kind] = share.gather(nets.input_features.prototype_visual(reps,
+                                                                                 seg.question))
             proto = torch.stack([protos[k][j] for j, k in enumerate(kinds)])
             return (visual * proto).sum(-1).mean(1, keepdim=True) * nets.sim_scale  # [b, 1]
 
@@ -298,6 +319,8 @@ class LiveEdit(TrainedEditor):
             return output
         if plan.make_experts:
             plan.experts = self._experts(reps, plan.segments)
+            if plan.share is not None:  # every process's experts, each row routed among them
+                plan.experts = plan.experts.gathered(plan.share)
         if plan.experts is None or len(plan.experts) == 0:
             return output
         coefficients = self._coefficients(reps, plan)

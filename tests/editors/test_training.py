@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mmke.backbones.base import ForwardOutput, ModelBatch
+from mmke.config import build
 from mmke.data.prompts import PromptTemplates, edit_prompts
 from mmke.data.record import EditRecord
 from mmke.editors.base import EditOutcome
@@ -23,7 +24,7 @@ from mmke.errors import ConfigError
 from mmke.runner import run
 from tests.conftest import compose_config
 from tests.editors.conftest import state
-from tests.test_distributed import THREADS, launch, single
+from tests.test_distributed import THREADS, launch, launch_module, single
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,6 +215,39 @@ def test_two_processes_train_data_parallel_to_the_networks_of_one(tmp_path, pret
     one, two = (load_file(next((tmp_path / d).rglob(FINAL))) for d in ("one", "two"))
     assert torch.allclose(one["net.bias"], two["net.bias"], atol=1e-6)
     assert not torch.equal(one["net.bias"], torch.zeros_like(one["net.bias"]))
+
+
+#: MEND and LiveEdit as the tiny BLIP-2 composes them, a few steps over an odd batch (two
+#: processes take 3 and 2 of its 5 records)
+SHORT_FITS = ("editor.training.steps=3", "editor.training.batch_size=5", THREADS)
+
+
+def test_two_processes_fit_mend_and_liveedit_to_the_networks_of_one(tmp_path, pretrained,
+                                                                   vqa_source, train):
+    """Terms that couple a batch's records see the whole batch in every process: MEND's running
+    statistics merge every process's moments; LiveEdit's experts and routing features are
+    gathered with their gradients, and its means are weighed by the shares. So two processes fit
+    the networks one process fits (here in-process, from the same settings: the same cache
+    key)."""
+    proc = launch_module(2, "tests.editors.fit_launched", "mend,liveedit", *SHORT_FITS,
+                         f"editor.cache_dir={tmp_path / 'two'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("mend", "liveedit"):
+        cfg = compose_config([f"editor={name}", *SHORT_FITS, f"editor.cache_dir={tmp_path}"])
+        one = build(cfg.editor)
+        one.attach(pretrained, vqa_source.templates, train_records=lambda: train)
+        report = one.fit(train)
+        assert f"{name}: {report.key} trained 3 steps" in proc.stdout
+        two = load_file(tmp_path / "two" / "trained" / name / report.key / FINAL)
+        expected = one.networks.state_dict()
+        assert {f"net.{k}" for k in expected} == set(two)
+        for key, value in expected.items():  # the statistics too (float64 sums of many rows)
+            if key.endswith(".k.bias"):
+                # a key bias shifts every score of a query alike, so softmax ignores it: its
+                # gradient is rounding noise, which Adam scales to steps of any size
+                continue
+            torch.testing.assert_close(two[f"net.{key}"], value, rtol=1e-5, atol=2e-6,
+                                       msg=lambda m, key=key: f"{name} {key}: {m}")
 
 
 class TiedBias(LogitBias):
