@@ -20,9 +20,9 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) run.py
 
-## The whole test suite (slow tests included).
+## The whole test suite (slow tests included); the 25 slowest are listed, to keep CI in budget.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 ## Everything but the tests marked slow.
 test-fast: install
