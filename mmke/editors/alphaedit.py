@@ -7,11 +7,8 @@ Fang et al., "AlphaEdit: Null-Space Constrained Knowledge Editing for Language M
 1. Target vectors (MEMIT §4.2 / Eq. 9-10; the authors' ``compute_z``). For each edit, a residual
    δ is added to the output of the last edited language layer (the residual stream there) at the
    edit prompt's last token, and Adam (``v_lr``, ``v_steps``) minimises
-   NLL(target) + ``v_weight_decay``·‖δ‖²/‖z₀‖², with ‖δ‖ clamped to
-   ``clamp_norm_factor``·‖z₀‖ after every step. (The authors' ``compute_z`` writes
-   ‖δ‖/‖z₀‖², which is not scale-free; measured on train edits it leaves the tiny LLaVA's Rel
-   where it is (90.0 single, stream 88.3 for 87.5) and costs the tiny BLIP-2 locality: single
-   T-Loc 97.0 → 94.0, stream T-Loc 69.7 → 48.6. So the squared, scale-free form is kept.) z = z₀ + δ. MEMIT's KL term on
+   NLL(target) + ``v_weight_decay``·‖δ‖/‖z₀‖² (``target_weight_decay``), with ‖δ‖ clamped to
+   ``clamp_norm_factor``·‖z₀‖ after every step. z = z₀ + δ. MEMIT's KL term on
    "{subject} is a" prompts is left out: a multimodal prompt has no subject span, and the key
    token's next-token distribution is exactly the one the edit must change, so there is no
    essence prompt to keep.
@@ -87,7 +84,7 @@ class AlphaEdit(Editor):
 
     ``nullspace_threshold``: eigenvalues of K0K0ᵀ/n below it span the null space (paper 1e-2);
     ``L2``: the ridge term of the solve (authors: 10); ``v_lr``, ``v_steps``: Adam on δ;
-    ``v_weight_decay``: weight of ‖δ‖²/‖z₀‖²; ``clamp_norm_factor``: ‖δ‖ ≤ factor·‖z₀‖;
+    ``v_weight_decay``: weight of ‖δ‖/‖z₀‖²; ``clamp_norm_factor``: ‖δ‖ ≤ factor·‖z₀‖;
     ``v_early_stop``: stop optimising δ once the NLL is below it; ``k0_records``: train records
     per source for K0; ``k0_data``: the sources (empty: the task's train split);
     ``k0_batch_size``: prompts per forward when building K0; ``cache_dir``: where K0 is kept;
@@ -296,7 +293,7 @@ class AlphaEdit(Editor):
             for _ in range(self.v_steps):
                 nll = backbone.nll(batch, backbone.forward(batch))
                 delta, z0 = state["delta"], state["z0"]
-                loss = nll + self.v_weight_decay * delta.pow(2).sum() / z0.pow(2).sum()
+                loss = nll + target_weight_decay(delta, z0, self.v_weight_decay)
                 outcome.final_loss = loss.item()
                 if not math.isfinite(outcome.final_loss):
                     return None
@@ -318,6 +315,15 @@ class AlphaEdit(Editor):
         self.snapshot.restore()
         if self.projectors:
             self._reset_stream()
+
+
+def target_weight_decay(delta: torch.Tensor, z0: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight``·‖δ‖/‖z₀‖², the target-vector loss's decay term exactly as the authors'
+    ``compute_z`` (AlphaEdit/compute_z.py, MEMIT's memit/compute_z.py) writes it:
+    ``v_weight_decay * (torch.norm(delta) / torch.norm(target_init) ** 2)``. The norm is not
+    squared, so the term is not scale-free; the authors' ``v_weight_decay`` (0.5) means what it
+    means only in this form."""
+    return weight * delta.norm() / z0.norm().pow(2)
 
 
 @torch.no_grad()

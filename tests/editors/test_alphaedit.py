@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 
 from mmke.config import build
-from mmke.editors.alphaedit import AlphaEdit
+from mmke.editors.alphaedit import AlphaEdit, target_weight_decay
 from mmke.editors.nullspace import null_space_projector
 from mmke.errors import ConfigError
 from mmke.evaluation.evaluator import Evaluator
@@ -129,6 +129,18 @@ def test_the_projector_is_the_eigen_projection_below_the_threshold():
     torch.testing.assert_close(p @ p, p)
     torch.testing.assert_close(p @ q[:, :2], torch.zeros(4, 2, dtype=torch.float64))
     assert torch.equal(null_space_projector(cov, 1e-5), torch.zeros(4, 4, dtype=torch.float64))
+
+
+def test_the_target_decay_is_the_authors_norm_over_squared_norm():
+    """The authors' compute_z: v_weight_decay·‖δ‖/‖z₀‖². δ = (3, 4), z₀ = (6, 8), weight 0.5:
+    0.5·5/100 = 0.025 (the squared form ‖δ‖²/‖z₀‖² would give 0.125). At δ = 0 its gradient is
+    0, not NaN (δ starts at zero)."""
+    z0 = torch.tensor([6.0, 8.0])
+    assert target_weight_decay(torch.tensor([3.0, 4.0]), z0, 0.5).item() == pytest.approx(0.025)
+    assert target_weight_decay(torch.tensor([6.0, 8.0]), 2 * z0, 1.0).item() == pytest.approx(0.025)
+    delta = torch.zeros(2, requires_grad=True)
+    target_weight_decay(delta, z0, 0.5).backward()
+    assert torch.equal(delta.grad, torch.zeros(2))
 
 
 def make_random_alphaedit(backbone, source, regularizer=None, steps: int = 5, *,
