@@ -44,7 +44,17 @@ SETTINGS = [dict(L2=0.1), dict(L2=0.01), dict(L2=0.1, layers=[1, 2, 3]), dict(L2
             dict(L2=0.01, layers=[0, 1, 2], clamp_norm_factor=1.5, v_steps=40),
             dict(L2=0.01, layers=[0], clamp_norm_factor=1.5, v_steps=40),
             dict(L2=0.01, layers=[0], clamp_norm_factor=4.0, v_steps=80, v_weight_decay=0.05),
-            dict(L2=0.01, layers=[0, 1], clamp_norm_factor=4.0, v_steps=80, v_weight_decay=0.05)]
+            dict(L2=0.01, layers=[0, 1], clamp_norm_factor=4.0, v_steps=80, v_weight_decay=0.05),
+            # 20-27: around the chosen settings again after the decay became the authors'
+            # |δ|/|z0|^2 (20-23 the tiny BLIP-2's layers, 24-27 the Llama-style families')
+            dict(L2=0.01, layers=[0, 1, 2], clamp_norm_factor=1.0, v_steps=40),
+            dict(L2=0.01, layers=[0, 1, 2], clamp_norm_factor=1.5, v_steps=25),
+            dict(L2=0.01, layers=[0, 1, 2], clamp_norm_factor=1.5, v_steps=40, v_weight_decay=2.0),
+            dict(L2=0.01, layers=[0, 1, 2], clamp_norm_factor=0.75, v_steps=40),
+            dict(L2=0.01, layers=[1, 2], clamp_norm_factor=1.0, v_steps=40),
+            dict(L2=0.01, layers=[1, 2], clamp_norm_factor=1.5, v_steps=25),
+            dict(L2=0.01, layers=[1, 2], clamp_norm_factor=1.5, v_steps=40, v_weight_decay=2.0),
+            dict(L2=0.01, layers=[1, 2], clamp_norm_factor=0.75, v_steps=40)]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
