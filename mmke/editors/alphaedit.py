@@ -85,7 +85,9 @@ class AlphaEdit(Editor):
     ``nullspace_threshold``: eigenvalues of K0K0ᵀ/n below it span the null space (paper 1e-2);
     ``L2``: the ridge term of the solve (authors: 10); ``v_lr``, ``v_steps``: Adam on δ;
     ``v_weight_decay``: weight of ‖δ‖/‖z₀‖²; ``clamp_norm_factor``: ‖δ‖ ≤ factor·‖z₀‖;
-    ``v_early_stop``: stop optimising δ once the NLL is below it; ``k0_records``: train records
+    ``v_early_stop``: stop optimising δ once the NLL is below it (the authors' compute_z stops on
+    the total loss, decay included, and makes ``v_steps`` − 1 updates; mmke stops on the NLL and
+    makes ``v_steps``, which the tiny settings were chosen with); ``k0_records``: train records
     per source for K0; ``k0_data``: the sources (empty: the task's train split);
     ``k0_batch_size``: prompts per forward when building K0; ``cache_dir``: where K0 is kept;
     ``seed``: which train records K0 takes; ``progress``: a progress bar while building K0.
