@@ -55,7 +55,7 @@ from mmke.editors.base import EditOutcome
 from mmke.editors.serac_counterfactual import (BACKBONE, INITS, CounterfactualModel,
                                                load_counterfactual_lm)
 from mmke.editors.serac_scope import ScopeClassifier, load_text_encoder
-from mmke.editors.training import TrainedEditor, TrainingSettings
+from mmke.editors.training import BatchShare, TrainedEditor, TrainingSettings
 from mmke.encoders.sentence import MODEL_NAME as MINILM, SentenceEncoder
 from mmke.errors import ConfigError, check_choice
 from mmke.regularizers.base import Regularizer, TrainRecords, edit_request
@@ -101,16 +101,26 @@ class EditMemory:
         self.prompts.clear()
 
 
-def balanced_bce(log_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def balanced_bce(log_scores: torch.Tensor, labels: torch.Tensor,
+                 share: BatchShare | None = None) -> torch.Tensor:
     """The scope classifier's loss (SERAC's ``balanced_bce``): mean of -log g over positive
-    pairs plus mean of -log(1 - g) over negative ones; g = exp(log_scores) in (0, 1]."""
+    pairs plus mean of -log(1 - g) over negative ones; g = exp(log_scores) in (0, 1].
+    ``share``: the pairs are this process's part of a batch split over processes; the means are
+    then the whole batch's (each process's part weighed by its count of pairs)."""
+    share = share or BatchShare()  # one process: its pairs are all of them
     positive, negative = labels.bool(), ~labels.bool()
+    counts = torch.tensor([int(positive.sum()), int(negative.sum())], device=log_scores.device)
+    # the whole batch's counts decide which terms exist, alike in every process
+    totals = share.gather_all(counts).sum(0).tolist()
     loss = log_scores.new_zeros(())
-    if positive.any():
-        loss = loss - log_scores[positive].mean()
-    if negative.any():
+    if totals[0]:
+        part = log_scores[positive].mean() if positive.any() else log_scores.new_zeros(())
+        loss = loss - share.item_mean(part, int(counts[0]), totals[0])
+    if totals[1]:
         # log(1 - exp(x)) for x <= 0, stable; clamped so that g = 1 exactly stays finite
-        loss = loss - torch.log(-torch.expm1(log_scores[negative].clamp(max=-1e-6))).mean()
+        part = (torch.log(-torch.expm1(log_scores[negative].clamp(max=-1e-6))).mean()
+                if negative.any() else log_scores.new_zeros(()))
+        loss = loss - share.item_mean(part, int(counts[1]), totals[1])
     return loss
 
 
@@ -313,30 +323,36 @@ class Serac(TrainedEditor):
                       ) -> tuple[torch.Tensor, dict[str, float]]:
         backbone, nets = self.backbone, self.networks_in_training
         assert backbone is not None
+        # this process's records of the step's batch (one process: all of it). The classifier's
+        # pairs span the whole batch (every process's edit embeddings, gathered with their
+        # gradients) and the means are weighed by the shares, so the processes' averaged
+        # gradient is the one-process gradient
+        share = self.share_of(batch)
         n = len(batch)
         per_record = [edit_prompts(r, self.templates) for r in batch]
         edits = [p[0] for p in per_record]
         # inputs grouped by kind: rephrase, image rephrase, text locality, multimodal locality
         inputs = [per_record[i][k] for k in (1, 2, 3, 4) for i in range(n)]
-        owner = torch.arange(n).repeat(4)
+        owner = torch.tensor(share.positions).repeat(4)     # each input's edit in the batch
         kind = torch.arange(4).repeat_interleave(n)
-        edit_texts = [self.scope_text(p) for p in edits]
+        own_texts = [self.scope_text(p) for p in edits]
+        edit_texts = share.gather_objects(own_texts)        # every edit of the batch, in order
         input_texts = [self.scope_text(p) for p in inputs]
         device = backbone.device
         log_g = ScopeClassifier.log_scores(nets.classifier(input_texts),
-                                           nets.classifier(edit_texts))       # [4n, n]
+                                           share.gather(nets.classifier(own_texts)))  # [4n, size]
         same = torch.tensor([[self._same_question(x, e) for e in edit_texts]
                              for x in input_texts], device=log_g.device)
         pairs = (torch.ones_like(same) if self.cross_negatives
-                 else torch.nn.functional.one_hot(owner, n).bool().to(log_g.device))
-        l_cls = balanced_bce(log_g[pairs], same[pairs])
+                 else torch.nn.functional.one_hot(owner, share.size).bool().to(log_g.device))
+        l_cls = balanced_bce(log_g[pairs], same[pairs], share)
         s = log_g[torch.arange(4 * n), owner].exp().to(device)                # g(e_i, x)
 
         prompts = backbone.prepare(inputs)
         with torch.no_grad():
             rows = backbone.image_rows(prompts) if prompts.pixel_values is not None else None
             base = backbone.forward(prompts, inputs_embeds=backbone.embed(prompts, rows)).logits
-        contexts = [self._context(edits[i]) for i in owner.tolist()]
+        contexts = [self._context(edits[i]) for i in range(n)] * 4
         cf = nets.counterfactual(contexts, prompts, rows)
         log_mix = torch.logaddexp((1 - s).clamp(min=1e-12).log()[:, None, None]
                                   + base.float().log_softmax(-1),
@@ -345,10 +361,12 @@ class Serac(TrainedEditor):
         kl = self._kl(prompts, base.float().log_softmax(-1), log_mix)            # per row
         kind = kind.to(device)
         textual = same[torch.arange(4 * n), owner].to(device)   # locality prompts in scope by text
-        loc_t = kl[kind == 2].mean()
+        loc_t = share.row_mean(kl[kind == 2])
         keep_m = (kind == 3) & ~textual
-        loc_m = kl[keep_m].mean() if keep_m.any() else kl.new_zeros(())
-        nll_t, nll_m = nll[kind == 0].mean(), nll[kind == 1].mean()
+        # a mean over the whole batch's kept prompts, whose count differs between the processes
+        loc_m = share.item_mean(kl[keep_m].mean() if keep_m.any() else kl.new_zeros(()),
+                                int(keep_m.sum()))
+        nll_t, nll_m = share.row_mean(nll[kind == 0]), share.row_mean(nll[kind == 1])
         loss = (self.edit_weight * nll_t + self.image_weight * nll_m
                 + self.loc_weight * (loc_t + loc_m) + self.cls_weight * l_cls.to(device))
         with torch.no_grad():

@@ -36,7 +36,7 @@ from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,7 @@ from mmke.tensor_state import load_optimizer_tensors, optimizer_tensors
 
 FINAL = "final.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
+T = TypeVar("T")
 
 
 class TrainingError(MMKEError):
@@ -213,6 +214,18 @@ class BatchShare:
         stacked = _GatherRows.apply(padded)  # [world, most, ...]
         # batch position j is row j // world of process j % world
         return stacked.transpose(0, 1).reshape(most * self.world, *local.shape[1:])[: self.size]
+
+    def gather_objects(self, local: Sequence[T]) -> list[T]:
+        """``[rows]`` picklable values of this process -> the whole batch's ``[size]``, in batch
+        order (SERAC's pair labels compare every process's inputs with every edit's text)."""
+        if len(local) != self.rows:
+            raise ValueError(f"gather_objects: {len(local)} rows, this process holds {self.rows}")
+        if self.world == 1:
+            return list(local)
+        shares: list[list[T]] = [[] for _ in range(self.world)]
+        dist.all_gather_object(shares, list(local))
+        # batch position j is row j // world of process j % world
+        return [shares[j % self.world][j // self.world] for j in range(self.size)]
 
     def gather_all(self, local: torch.Tensor) -> torch.Tensor:
         """``[world, ...]``: every process's ``local`` (same shape everywhere), no gradient."""
