@@ -30,7 +30,10 @@ the edit's question (the edit prompt, its rephrases, the same question on anothe
 negative otherwise (the other records' questions, every locality prompt); ``cross_negatives``
 false keeps only each record's own pairs. A multimodal locality prompt that asks a phrasing of
 the edit's own question (the mini world's questions repeat over pictures) is in the edit's scope
-for a text classifier, so it is a positive pair for L_cls and left out of the KL term.
+for a text classifier, so it is a positive pair for L_cls and left out of the KL term. Under
+``accelerate launch`` each process scores its share of the inputs against every edit of the batch
+(the edits' embeddings gathered with their gradients, ``BatchShare.gather``) and weighs its means
+by the shares, so two processes fit the networks one process fits.
 
 Regularizers: SERAC has no loss-based edit step and changes no layer of the backbone, and the
 papers run it with reg=none only (ODEdit and ASAM Table 1). ODEdit's and ASAM's terms read the

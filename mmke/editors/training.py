@@ -18,8 +18,8 @@ does the rest, once for all of them:
   every batch and the gradients are averaged (data parallel); the main process writes the files.
   ``self.share`` (a ``BatchShare``) tells ``training_loss`` where its records sit in the step's
   batch, so a method whose objective couples the batch's records (LiveEdit's routing losses,
-  MEND's running statistics) can gather what it needs from the other processes and weigh its
-  means so that the averaged gradients are the one-process gradients;
+  MEND's running statistics, SERAC's classifier pairs) can gather what it needs from the other
+  processes and weigh its means so that the averaged gradients are the one-process gradients;
 - the regularizer's training state (``Regularizer.training_state``: ODEdit's λ network and its
   Adam moments, which MEND's meta-loss trains) is checkpointed with the networks, so a resumed
   fit with a regularizer ends as an uninterrupted one too;
