@@ -353,6 +353,26 @@ def test_bad_settings_name_themselves(setting, value):
         Serac(**{setting: value})
 
 
+def _edits_routes_and_restores(editor: Serac, backbone, vqa_source) -> None:
+    """One eval edit: its own prompt and image rephrase go to the counterfactual model, a
+    text-locality prompt reaches the backbone bit for bit; greedy answers come from both routes;
+    restore gives the backbone's logits back."""
+    record = vqa_source.records("eval", limit=1)[0]
+    rel, _, m_gen, t_loc, _ = edit_prompts(record, vqa_source.templates)
+    batch = backbone.prepare([rel, m_gen, t_loc])
+    with torch.no_grad():
+        reference = backbone.forward(batch).logits
+    editor.edit([record])
+    assert editor.in_scope(editor.batch_scope_texts(batch)) == [0, 0, None]
+    with torch.no_grad():
+        logits = editor.forward(batch).logits
+    assert torch.equal(logits[2], reference[2]) and not torch.equal(logits[:2], reference[:2])
+    assert len(editor.generate([rel, t_loc], 3)) == 2
+    editor.restore()
+    with torch.no_grad():
+        assert torch.equal(editor.forward(batch).logits, reference)
+
+
 @pytest.mark.parametrize("family_name", ["blip2", "llava", "minigpt4", "qwen2vl"])
 def test_every_family_fits_edits_and_routes(family_name, vqa_source, tmp_path):
     """On a random tiny model of each family, with the tiny settings' networks (the head starts at
@@ -368,20 +388,7 @@ def test_every_family_fits_edits_and_routes(family_name, vqa_source, tmp_path):
                    progress=False)
     editor.attach(backbone, vqa_source.templates, train_records=lambda: train)
     editor.fit(train)
-    record = vqa_source.records("eval", limit=1)[0]
-    rel, _, m_gen, t_loc, _ = edit_prompts(record, vqa_source.templates)
-    batch = backbone.prepare([rel, m_gen, t_loc])
-    with torch.no_grad():
-        reference = backbone.forward(batch).logits
-    editor.edit([record])
-    assert editor.in_scope(editor.batch_scope_texts(batch)) == [0, 0, None]
-    with torch.no_grad():
-        logits = editor.forward(batch).logits
-    assert torch.equal(logits[2], reference[2]) and not torch.equal(logits[:2], reference[:2])
-    assert len(editor.generate([rel, t_loc], 3)) == 2
-    editor.restore()
-    with torch.no_grad():
-        assert torch.equal(editor.forward(batch).logits, reference)
+    _edits_routes_and_restores(editor, backbone, vqa_source)
 
 
 def _top_layers_editor(tmp_path, layers: int = 1, steps: int = 2) -> Serac:
@@ -420,20 +427,7 @@ def test_a_top_layers_counterfactual_trains_its_copies_only(family_name, vqa_sou
                if not torch.equal(v, last.state_dict()[k])]
     assert changed  # the copy trained
     assert [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])] == []
-    record = vqa_source.records("eval", limit=1)[0]
-    rel, _, m_gen, t_loc, _ = edit_prompts(record, vqa_source.templates)
-    batch = backbone.prepare([rel, m_gen, t_loc])
-    with torch.no_grad():
-        reference = backbone.forward(batch).logits
-    editor.edit([record])
-    assert editor.in_scope(editor.batch_scope_texts(batch)) == [0, 0, None]
-    with torch.no_grad():
-        logits = editor.forward(batch).logits
-    assert torch.equal(logits[2], reference[2]) and not torch.equal(logits[:2], reference[:2])
-    assert len(editor.generate([rel, t_loc], 3)) == 2
-    editor.restore()
-    with torch.no_grad():
-        assert torch.equal(editor.forward(batch).logits, reference)
+    _edits_routes_and_restores(editor, backbone, vqa_source)
     assert [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])] == []
     assert model_fingerprint(model) == fingerprint and hook_count(model) == hooks
 
