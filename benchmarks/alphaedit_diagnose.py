@@ -12,7 +12,6 @@ update writes at the key position; and ‖Pk‖/‖k‖ of the edit's key per la
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.spine import load  # noqa: E402
+from benchmarks.rows import load_train, train_edits_parser  # noqa: E402
 from mmke.config import build  # noqa: E402
 from mmke.editors.base import EditOutcome  # noqa: E402
 from mmke.editors.nullspace import cached_second_moments  # noqa: E402
@@ -52,15 +51,10 @@ def scored(backbone, editor, batch, z: torch.Tensor | None = None) -> tuple[floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", default="tiny_llava")
-    parser.add_argument("--data", default="mini_vqa")
-    parser.add_argument("--edits", type=int, default=30)
+    parser = train_edits_parser(__doc__, backbone="tiny_llava")
     parser.add_argument("--k0", type=int, default=1000)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    backbone, source = load([f"backbone={args.backbone}", f"data={args.data}"])
-    train = source.records("train")
+    backbone, source, train = load_train(args)
     edited, rest = train[-args.edits:], train[:-args.edits]
     node = compose_config(["editor=alphaedit", f"backbone={args.backbone}"]).editor
     editor = build(node, k0_records=args.k0, k0_data=[], progress=False)

@@ -13,7 +13,6 @@ Eval records are never edited or scored here.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,9 +21,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.rows import mean_row, single_and_stream  # noqa: E402
+from benchmarks.rows import (  # noqa: E402
+    load_train, mean_row, single_and_stream, train_edits_parser,
+)
 
-from benchmarks.spine import load  # noqa: E402
 from mmke.config import build  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
 from mmke.evaluation.spec import MetricSpec  # noqa: E402
@@ -57,17 +57,12 @@ SETTINGS = [dict(L2=0.1), dict(L2=0.01), dict(L2=0.1, layers=[1, 2, 3]), dict(L2
             dict(L2=0.01, layers=[1, 2], clamp_norm_factor=0.75, v_steps=40)]
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", default="tiny_blip2")
-    parser.add_argument("--data", default="mini_vqa")
-    parser.add_argument("--edits", type=int, default=30)
+    parser = train_edits_parser(__doc__)
     parser.add_argument("--stream", type=int, default=20)
     parser.add_argument("--k0", type=int, default=1000)
     parser.add_argument("--only", type=int, nargs="*", help="indices of SETTINGS to run")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    backbone, source = load([f"backbone={args.backbone}", f"data={args.data}"])
-    train = source.records("train")
+    backbone, source, train = load_train(args)
     edited, rest = train[-args.edits:], train[:-args.edits]
     node = compose_config(["editor=alphaedit", f"backbone={args.backbone}"]).editor
     evaluator = Evaluator(MetricSpec(), source.templates)

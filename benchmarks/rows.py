@@ -49,6 +49,28 @@ def held_out_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def train_edits_parser(doc: str, backbone: str = "tiny_blip2") -> argparse.ArgumentParser:
+    """The arguments of the scripts that edit the last ``--edits`` train records of ``--data``
+    on ``--backbone`` (edit-time editors: nothing is fitted)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--backbone", default=backbone)
+    parser.add_argument("--data", default="mini_vqa")
+    parser.add_argument("--edits", type=int, default=30)
+    return parser
+
+
+def load_train(args: argparse.Namespace) -> tuple[Backbone, Any, list[EditRecord]]:
+    """One torch thread (settings scripts are compared at one thread), then ``--backbone``,
+    ``--data`` and its train split."""
+    import torch
+
+    from benchmarks.spine import load
+
+    torch.set_num_threads(1)
+    backbone, source = load([f"backbone={args.backbone}", f"data={args.data}"])
+    return backbone, source, source.records("train")
+
+
 @dataclass
 class HeldOut:
     """What a held-out settings script works on: the backbone, the data source, the train

@@ -14,18 +14,17 @@ Rel >= 95, the one with the best T-Loc/M-Loc (no setting tried kept stream M-Loc
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.rows import mean_row, single_and_stream  # noqa: E402
-from benchmarks.spine import load  # noqa: E402
+from benchmarks.rows import (  # noqa: E402
+    load_train, mean_row, single_and_stream, train_edits_parser,
+)
 from mmke.editors.tpatcher import TPatcher  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
 from mmke.evaluation.spec import MetricSpec  # noqa: E402
@@ -41,15 +40,10 @@ SETTINGS = [dict(), dict(n_neurons=3), dict(n_neurons=3, steps=50), dict(n_neuro
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", default="tiny_blip2")
-    parser.add_argument("--data", default="mini_vqa")
-    parser.add_argument("--edits", type=int, default=30)
+    parser = train_edits_parser(__doc__)
     parser.add_argument("--stream", type=int, default=20)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    backbone, source = load([f"backbone={args.backbone}", f"data={args.data}"])
-    train = source.records("train")
+    backbone, source, train = load_train(args)
     # edited records from the end of the split; memory prompts are drawn from all of it
     edited = train[-args.edits:]
     evaluator = Evaluator(MetricSpec(), source.templates)

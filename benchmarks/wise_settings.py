@@ -14,18 +14,17 @@ among the settings with single and stream Rel >= 95, the one with the best T-Loc
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.rows import mean_row  # noqa: E402
-from benchmarks.spine import load  # noqa: E402
+from benchmarks.rows import (  # noqa: E402
+    load_train, mean_row, train_edits_parser,
+)
 from mmke.editors.wise import WISE  # noqa: E402
 from mmke.evaluation.evaluator import Evaluator  # noqa: E402
 from mmke.evaluation.spec import MetricSpec  # noqa: E402
@@ -51,16 +50,11 @@ SETTINGS = [dict(layer=-1), dict(layer=-2), dict(layer=-3),
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", default="tiny_blip2")
-    parser.add_argument("--data", default="mini_vqa")
-    parser.add_argument("--edits", type=int, default=30)
+    parser = train_edits_parser(__doc__)
     parser.add_argument("--stream", type=int, default=20)
     parser.add_argument("--only", type=int, nargs="*", help="indices of SETTINGS to run")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    backbone, source = load([f"backbone={args.backbone}", f"data={args.data}"])
-    train = source.records("train")
+    backbone, source, train = load_train(args)
     # edited records from the end of the split; irrelevant prompts are drawn from all of it
     edited = train[-args.edits:]
     evaluator = Evaluator(MetricSpec(), source.templates)
