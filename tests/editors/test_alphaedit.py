@@ -62,6 +62,19 @@ def test_single_edits_flip_the_target(alphaedit, family, vqa_source, request):
     assert rel >= 90.0, rel
 
 
+@pytest.mark.slow
+def test_single_edits_flip_the_target_on_the_tiny_qwen2vl(vqa_source, train):
+    """The same bar on the tiny Qwen2-VL (gated Qwen2 FFN, like the tiny LLaVA's), whose answers
+    follow "assistant\\n" and so start with the word itself: one target vector at the last prompt
+    token reaches them (its settings were chosen on train edits, Rel 100 there)."""
+    backbone = instantiate(compose_config(["backbone=tiny_qwen2vl"]).backbone)
+    editor = make_alphaedit("tiny_qwen2vl")
+    editor.attach(backbone, vqa_source.templates, train_records=lambda: train)
+    rel = single_edit_rel(editor, vqa_source)
+    editor.restore()
+    assert rel >= 90.0, rel
+
+
 def test_restore_is_bit_identical_after_a_20_edit_stream(alphaedit, backbone, vqa_source):
     records = vqa_source.records("eval", limit=20)
     model = backbone.model
