@@ -92,25 +92,26 @@ def env() -> dict[str, str]:
     return {**os.environ, "MMKE_CACHE_DIR": str(cache_dir()), "PYTHONUNBUFFERED": "1"}
 
 
-def launch(processes: int, *overrides: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` of run.py on `processes` CPU processes. Accelerate's `--cpu` route
+def _accelerate(processes: int, *target: str) -> subprocess.CompletedProcess:
+    """`accelerate launch <target>` on `processes` CPU processes. Accelerate's `--cpu` route
     starts several processes only through MPI; `--multi_gpu` is its torchrun route, and
     ACCELERATE_USE_CPU keeps those processes on the CPU (gloo), on any machine."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "0",
-           "run.py", *overrides, "progress=false"]  # overrides first: they may start with -m
+           "--dynamo_backend", "no", "--main_process_port", "0", *target]
     return subprocess.run(cmd, cwd=ROOT, env={**env(), "ACCELERATE_USE_CPU": "1"},
                           capture_output=True, text=True, timeout=600)
+
+
+def launch(processes: int, *overrides: str) -> subprocess.CompletedProcess:
+    """`accelerate launch run.py overrides` on `processes` CPU processes (the overrides come
+    before progress=false: they may start with -m)."""
+    return _accelerate(processes, "run.py", *overrides, "progress=false")
 
 
 def launch_module(processes: int, module: str, *args: str) -> subprocess.CompletedProcess:
-    """`accelerate launch -m module args` on `processes` CPU processes, as `launch`."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "0", "-m", module, *args]
-    return subprocess.run(cmd, cwd=ROOT, env={**env(), "ACCELERATE_USE_CPU": "1"},
-                          capture_output=True, text=True, timeout=600)
+    """`accelerate launch -m module args` on `processes` CPU processes."""
+    return _accelerate(processes, "-m", module, *args)
 
 
 def single(*overrides: str) -> subprocess.CompletedProcess:

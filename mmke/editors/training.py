@@ -200,7 +200,7 @@ class BatchShare:
 
     @property
     def rows(self) -> int:
-        return len(self.positions)
+        return len(range(self.rank, self.size, self.world))
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """``[rows, ...]`` of this process -> ``[size, ...]`` of the whole batch, in batch order,

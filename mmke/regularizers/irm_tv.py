@@ -213,7 +213,6 @@ class AdaptiveLambda:
         self.optimizer.zero_grad(set_to_none=True)
         return lam.detach()
 
-
     def state(self) -> dict[str, torch.Tensor]:
         """δ (``net.*``) and its Adam state (``opt.*``, the step counter included)."""
         out = {f"net.{k}": v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
