@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmke.data.miniworld.generate import ANNOTATION_FILES, MiniWorldSpec, ensure_miniworld
+from mmke.data.miniworld.heldout import HELDOUT_FILES
 from mmke.data.prompts import CAPTION_TEMPLATE, VQA_TEMPLATE
 from mmke.data.source import MMEditSource
 from mmke.errors import DataError
@@ -60,12 +61,16 @@ def vlkeb(root: str | None, train_file: str, eval_file: str, annotation_dir: str
 
 class MiniWorldSource(MMEditSource):
     """The embedded mini world, generated into ``cache_dir`` on first use, then read back by the
-    MMEdit loader like any real benchmark (one code path)."""
+    MMEdit loader like any real benchmark (one code path). ``heldout``: score on the held-out eval
+    split (``mmke.data.miniworld.heldout``: rephrases and image rephrases pretraining never paired
+    with the question, E-IC targets that describe other pictures); the train split is the same."""
 
-    def __init__(self, cache_dir: str, task: str, world: dict | None = None, name: str = "") -> None:
+    def __init__(self, cache_dir: str, task: str, world: dict | None = None, name: str = "",
+                 heldout: bool = False) -> None:
         self.spec = MiniWorldSpec(**(world or {}))
         self.root = ensure_miniworld(cache_dir, self.spec)
+        eval_file = HELDOUT_FILES[task] if heldout else ANNOTATION_FILES[(task, "eval")]
+        default_name = f"mini_{task}_heldout" if heldout else f"mini_{task}"
         super().__init__(task=task, annotation_dir=str(self.root), image_root=str(self.root),
-                         train_file=ANNOTATION_FILES[(task, "train")],
-                         eval_file=ANNOTATION_FILES[(task, "eval")],
-                         edit_template=_TEMPLATES[task], name=name or f"mini_{task}")
+                         train_file=ANNOTATION_FILES[(task, "train")], eval_file=eval_file,
+                         edit_template=_TEMPLATES[task], name=name or default_name)

@@ -19,6 +19,7 @@ import numpy as np
 from mmke.data.miniworld.extensions import (EXTRA_STREAM, caption_edit, onehop, similar_scene,
                                             unrelated_question)
 from mmke.data.miniworld.facts import Fact, fact_bank
+from mmke.data.miniworld.heldout import HELDOUT_FILES, HELDOUT_STREAM, heldout_rows
 from mmke.data.miniworld.questions import (Question, answer, ask, caption, caption_prompts,
                                            counterfactual_caption)
 from mmke.data.miniworld.render import render
@@ -28,7 +29,8 @@ from mmke.data.miniworld.vocab import QUESTION_TEMPLATES
 # Bump when the generator's output changes for the same spec, so caches are rebuilt.
 # 5: one-hop portability (``port_new``) and the DE-VQA locality fields (``loc_*``), drawn from a
 # second generator so that everything version 4 wrote is unchanged.
-GENERATOR_VERSION = 5
+# 6: the held-out eval split (``heldout.py``), drawn from a third generator, new files only.
+GENERATOR_VERSION = 6
 ANNOTATION_FILES = {("vqa", "train"): "vqa_train.json", ("vqa", "eval"): "vqa_eval.json",
                     ("caption", "train"): "caption_train_edit.json",
                     ("caption", "eval"): "caption_eval_edit.json"}
@@ -77,6 +79,7 @@ def ensure_miniworld(cache_dir: str | Path, spec: MiniWorldSpec) -> Path:
 def write_world(out: Path, spec: MiniWorldSpec) -> None:
     rng = np.random.default_rng(spec.seed)
     extra = np.random.default_rng([spec.seed, EXTRA_STREAM])  # new fields only; see extensions.py
+    held = np.random.default_rng([spec.seed, HELDOUT_STREAM])  # new files only; see heldout.py
     similar: dict[str, dict[str, list[dict]]] = {}
     facts = fact_bank(rng, spec.fact_subjects)
     counts: dict[str, int] = {}
@@ -114,6 +117,12 @@ def write_world(out: Path, spec: MiniWorldSpec) -> None:
                         "alt": counterfactual_caption(scene, rng),
                         **base, **_locality(rng, facts, loc_scenes, split)})
         similar[split] = _extend(vqa, asked, cap, scenes, split, extra, spec, out)
+        if split == "eval":
+            rows = heldout_rows(vqa, cap, scenes, [q for _, q in asked], held, spec.image_size,
+                                spec.max_jitter, out)
+            for task, name in HELDOUT_FILES.items():
+                (out / name).write_text(json.dumps(rows[task], indent=1))
+                counts[name] = len(rows[task])
         for (task, s), name in ANNOTATION_FILES.items():
             if s == split:
                 records = vqa if task == "vqa" else cap
