@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from mmke.backbones.base import Backbone
 from mmke.data.prompts import PromptTemplates, edit_prompts, original_prompt
 from mmke.data.record import EditRecord
-from mmke.evaluation.metrics import exact_match
+from mmke.evaluation.metrics import exact_match, token_accuracy
 from mmke.evaluation.scoring import Need, score_prompts
 
 
@@ -17,16 +18,24 @@ from mmke.evaluation.scoring import Need, score_prompts
 def knowledge_report(backbone: Backbone, records: Sequence[EditRecord], templates: PromptTemplates,
                      batch_size: int = 96) -> dict[str, float]:
     """Exact-match accuracy of the original answers (``pred``), the text-locality answers and the
-    multimodal-locality answers, plus how often the new target ``alt`` is already predicted."""
-    kinds = ("orig", "t_loc", "m_loc", "alt")
+    multimodal-locality answers; of the original answer asked through the text rephrase
+    (``orig_rephrase``) and through the image rephrase (``orig_image_rephrase``): whether the
+    model understands the rephrases at all, which T-Gen and M-Gen presuppose; and how much of
+    the new target ``alt`` is already predicted, exactly (``alt``) and in tokens
+    (``alt_tokens``, the unedited model's Rel in MMEdit's token accuracy)."""
+    kinds = ("orig", "orig_rephrase", "orig_image_rephrase", "t_loc", "m_loc", "alt")
     prompts = []
     for r in records:
-        rel, _, _, t_loc, m_loc = edit_prompts(r, templates)
-        prompts += [original_prompt(r, templates), t_loc, m_loc, rel]
-    hits = {k: 0.0 for k in kinds}
+        rel, t_gen, m_gen, t_loc, m_loc = edit_prompts(r, templates)
+        prompts += [original_prompt(r, templates), replace(t_gen, target=r.pred, kind="orig"),
+                    replace(m_gen, target=r.pred, kind="orig"), t_loc, m_loc, rel]
+    hits = {k: 0.0 for k in (*kinds, "alt_tokens")}
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         out = score_prompts(backbone.forward, backbone, chunk, [Need()] * len(chunk), "target")
         for i, o in enumerate(out):
-            hits[kinds[(start + i) % len(kinds)]] += exact_match(o.target_correct)
+            kind = kinds[(start + i) % len(kinds)]
+            hits[kind] += exact_match(o.target_correct)
+            if kind == "alt":
+                hits["alt_tokens"] += token_accuracy(o.target_correct)
     return {k: v / max(1, len(records)) for k, v in hits.items()}

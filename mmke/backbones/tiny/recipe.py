@@ -12,6 +12,7 @@ from mmke.backbones.base import Backbone
 from mmke.backbones.tiny.corpus import pretraining_prompts
 from mmke.backbones.tiny.pretrain import PretrainSpec, pretrain
 from mmke.data.miniworld.generate import ANNOTATION_FILES
+from mmke.data.miniworld.heldout import HELDOUT_FILES
 from mmke.data.mmedit import load_mmedit
 from mmke.data.prompts import CAPTION_TEMPLATE, VQA_TEMPLATE, PromptTemplates
 from mmke.evaluation.knowledge import knowledge_report
@@ -53,10 +54,16 @@ def two_stage_training(backbone: Backbone, world: Path, train: PretrainSpec,
 
 
 def knowledge_of_world(backbone: Backbone, world: Path) -> dict[str, float]:
-    """Exact-match knowledge on both tasks' eval split, keys prefixed ``vqa_`` / ``caption_``."""
+    """Knowledge on both tasks' eval split, keys prefixed ``vqa_`` / ``caption_``, and on their
+    held-out eval split (``mmke.data.miniworld.heldout``), prefixed ``vqa_heldout_`` /
+    ``caption_heldout_``: there ``orig_rephrase`` and ``orig_image_rephrase`` say whether the
+    model understands wordings and pictures it was never trained on, and ``alt_tokens`` is the
+    unedited Rel on the targets the regularizers' tables use."""
     report: dict[str, float] = {}
     for task, template in (("vqa", VQA_TEMPLATE), ("caption", CAPTION_TEMPLATE)):
-        records = load_mmedit(world / ANNOTATION_FILES[(task, "eval")], world, task)
-        known = knowledge_report(backbone, records, PromptTemplates(edit=template))
-        report.update({f"{task}_{k}": v for k, v in known.items()})
+        for prefix, name in ((task, ANNOTATION_FILES[(task, "eval")]),
+                             (f"{task}_heldout", HELDOUT_FILES[task])):
+            records = load_mmedit(world / name, world, task)
+            known = knowledge_report(backbone, records, PromptTemplates(edit=template))
+            report.update({f"{prefix}_{k}": v for k, v in known.items()})
     return report
