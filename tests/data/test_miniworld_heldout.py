@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra.utils import instantiate
 from PIL import Image
 
 from mmke.backbones.tiny.corpus import pretraining_prompts, tokenizer_corpus
@@ -16,6 +17,7 @@ from mmke.data.miniworld.heldout import (HELDOUT_BACKGROUNDS, HELDOUT_CAPTION_PR
                                          HELDOUT_FILES, HELDOUT_QUESTION_TEMPLATES, NOISE_STD)
 from mmke.data.miniworld.vocab import BACKGROUNDS, CAPTION_PROMPTS, QUESTION_TEMPLATES
 from mmke.data.mmedit import check_images, load_mmedit
+from tests.conftest import compose_config
 
 SPEC = MiniWorldSpec(seed=5, train_scenes=40, eval_scenes=20, loc_scenes=6, fact_subjects=5,
                      probes_per_category=2)
@@ -84,3 +86,13 @@ def test_heldout_picture_is_a_new_background_with_noise(world: Path) -> None:
                       key=lambda bg: np.abs(corner.mean(0) - bg).sum())
         assert nearest in HELDOUT_BACKGROUNDS
         assert 0.5 * NOISE_STD < corner.std(0).mean() < 2 * NOISE_STD
+
+
+@pytest.mark.parametrize("task", ["vqa", "caption"])
+def test_the_data_configs_score_the_heldout_split(task: str) -> None:
+    source = instantiate(compose_config([f"data=mini_{task}_heldout"]).data)
+    assert source.files == {"train": ANNOTATION_FILES[(task, "train")], "eval": HELDOUT_FILES[task]}
+    assert source.name == f"mini_{task}_heldout" and source.task == task
+    plain = instantiate(compose_config([f"data=mini_{task}"]).data)
+    assert plain.files["eval"] == ANNOTATION_FILES[(task, "eval")]
+    assert plain.annotation_dir == source.annotation_dir  # one world, two eval files
