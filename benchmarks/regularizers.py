@@ -81,6 +81,7 @@ def bench_cost(backbone, source, records, train) -> None:
     base = None
     for name, make in (("FT", lambda s: NoRegularizer()), ("FT+ODEdit", lambda s: ODEdit(seed=s)),
                        ("FT+ASAM", lambda s: ASAM(seed=s))):
+        run(backbone, source, records[:3], train, make, 0)  # warm-up: caches, pools, allocator
         m = means(run(backbone, source, records, train, make, 0))
         base = base or m
         print(f"  {name:<10} edit {1000 * m['edit_s']:7.1f} ms ({m['edit_s'] / base['edit_s']:4.1f}x)  "
