@@ -41,13 +41,14 @@ def test_no_heldout_wording_is_a_training_wording() -> None:
 
 @pytest.mark.parametrize("task", ["vqa", "caption"])
 def test_pretraining_never_sees_a_heldout_rephrase(world: Path, task: str) -> None:
-    seen = {p.text for p in pretraining_prompts(world)}
+    pretraining = pretraining_prompts(world)
+    seen = {p.text for p in pretraining}
     source = MiniWorldSource(str(world.parent.parent), task, world=SPEC.__dict__, heldout=True)
     records = source.records("eval")
     assert len(records) == len(rows(world, ANNOTATION_FILES[(task, "eval")]))
     for r in records:
         assert source.templates.edit.format(r.rephrase) not in seen, r.rephrase
-    images = {str(p.image.path) for p in pretraining_prompts(world) if p.image is not None}
+    images = {str(p.image.path) for p in pretraining if p.image is not None}
     assert not images & {str(r.image_rephrase.path) for r in records}
 
 

@@ -15,7 +15,10 @@ from mmke.data.miniworld.generate import ANNOTATION_FILES
 from mmke.data.miniworld.heldout import HELDOUT_FILES
 from mmke.data.mmedit import load_mmedit
 from mmke.data.prompts import CAPTION_TEMPLATE, VQA_TEMPLATE, PromptTemplates
-from mmke.evaluation.knowledge import knowledge_report
+from mmke.evaluation.knowledge import KNOWLEDGE_KINDS, knowledge_report
+
+# What the held-out split changes of an eval record: its rephrases and (E-IC) its target.
+HELDOUT_KINDS = ("orig_rephrase", "orig_image_rephrase", "alt")
 
 
 def fan_in_init(module: nn.Module, gain: float = 1.0) -> None:
@@ -56,14 +59,16 @@ def two_stage_training(backbone: Backbone, world: Path, train: PretrainSpec,
 def knowledge_of_world(backbone: Backbone, world: Path) -> dict[str, float]:
     """Knowledge on both tasks' eval split, keys prefixed ``vqa_`` / ``caption_``, and on their
     held-out eval split (``mmke.data.miniworld.heldout``), prefixed ``vqa_heldout_`` /
-    ``caption_heldout_``: there ``orig_rephrase`` and ``orig_image_rephrase`` say whether the
-    model understands wordings and pictures it was never trained on, and ``alt_tokens`` is the
+    ``caption_heldout_``: only what differs there (its original questions and locality prompts
+    are the eval split's), ``orig_rephrase`` and ``orig_image_rephrase``: whether the model
+    understands wordings and pictures it was never trained on; ``alt`` and ``alt_tokens``: the
     unedited Rel on the targets the regularizers' tables use."""
     report: dict[str, float] = {}
     for task, template in (("vqa", VQA_TEMPLATE), ("caption", CAPTION_TEMPLATE)):
-        for prefix, name in ((task, ANNOTATION_FILES[(task, "eval")]),
-                             (f"{task}_heldout", HELDOUT_FILES[task])):
+        for prefix, name, kinds in (
+                (task, ANNOTATION_FILES[(task, "eval")], KNOWLEDGE_KINDS),
+                (f"{task}_heldout", HELDOUT_FILES[task], HELDOUT_KINDS)):
             records = load_mmedit(world / name, world, task)
-            known = knowledge_report(backbone, records, PromptTemplates(edit=template))
+            known = knowledge_report(backbone, records, PromptTemplates(edit=template), kinds=kinds)
             report.update({f"{prefix}_{k}": v for k, v in known.items()})
     return report

@@ -70,23 +70,21 @@ def heldout_rows(vqa: list[dict], cap: list[dict], scenes: list[Scene],
                  questions: list[Question], rng: np.random.Generator, image_size: int,
                  max_jitter: int, out: Path) -> dict[str, list[dict]]:
     """The held-out VQA and caption rows of the eval split, by task; draws their pictures
-    into ``out/images/eval/heldout``. ``vqa`` and ``cap`` are the plain eval rows (the same
-    number of VQA rows per scene, one caption row per scene); ``questions``: each VQA row's."""
-    folder = out / "images" / "eval" / "heldout"
-    folder.mkdir(parents=True)
-    pictures: list[str] = []
-    for i, scene in enumerate(scenes):
-        path = f"images/eval/heldout/s{i:05d}_h.png"
+    into ``out/images/eval/heldout``. ``vqa`` and ``cap`` are the plain eval rows (one caption
+    row per scene, in ``scenes``' order); ``questions``: each VQA row's."""
+    (out / "images" / "eval" / "heldout").mkdir(parents=True)
+    pictures: dict[str, str] = {}  # a scene's picture -> its held-out rephrase
+    for row, scene in zip(cap, scenes):
+        path = f"images/eval/heldout/{Path(row['image']).stem}_h.png"
         heldout_picture(scene, rng, image_size, max_jitter).save(out / path)
-        pictures.append(path)
-    per_scene = len(vqa) // max(1, len(scenes))
-    new_vqa = [{**row, "rephrase": _reworded(q, rng), "image_rephrase": pictures[n // per_scene]}
-               for n, (row, q) in enumerate(zip(vqa, questions))]
+        pictures[row["image"]] = path
+    new_vqa = [{**row, "rephrase": _reworded(q, rng), "image_rephrase": pictures[row["image"]]}
+               for row, q in zip(vqa, questions, strict=True)]
     new_cap = []
-    for i, (row, scene) in enumerate(zip(cap, scenes)):
+    for row, scene in zip(cap, scenes, strict=True):
         kept = {k: v for k, v in row.items() if k not in _RECOLOUR_FIELDS}
         prompt = HELDOUT_CAPTION_PROMPTS[int(rng.integers(0, len(HELDOUT_CAPTION_PROMPTS)))]
-        new_cap.append({**kept, "rephrase": prompt, "image_rephrase": pictures[i],
+        new_cap.append({**kept, "rephrase": prompt, "image_rephrase": pictures[row["image"]],
                         "alt": caption(disjoint_scene(scene, rng))})
     return {"vqa": new_vqa, "caption": new_cap}
 
