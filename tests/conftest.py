@@ -60,12 +60,16 @@ def world_dir(default_cfg) -> Path:
     return ensure_miniworld(cache_dir(), MiniWorldSpec(**default_cfg.world))
 
 
+#: The small mini world's settings (``world.*``): 300 train scenes instead of 1500.
+SMALL_WORLD = {"train_scenes": 300, "eval_scenes": 40, "loc_scenes": 10, "fact_subjects": 3,
+               "probes_per_category": 1}
+
+
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory) -> Path:
-    """A small mini world (300 train scenes) for stage-1 tests, generated once per session."""
-    spec = MiniWorldSpec(train_scenes=300, eval_scenes=40, loc_scenes=10, fact_subjects=3,
-                         probes_per_category=1)
-    return ensure_miniworld(tmp_path_factory.mktemp("small_world"), spec)
+    """A small mini world for stage-1 tests and short builds, generated once per session into a
+    cache folder of its own (``small_world.parents[1]``)."""
+    return ensure_miniworld(tmp_path_factory.mktemp("small_world"), MiniWorldSpec(**SMALL_WORLD))
 
 
 @pytest.fixture(scope="session")

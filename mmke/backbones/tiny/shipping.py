@@ -1,0 +1,75 @@
+"""Shipping tiny builds with the package (``builder.SHIPPED``), and telling how far a rebuild on
+this machine lands from the shipped one (``benchmarks/rebuild_tiny.py`` drives both)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from mmke.backbones.tiny.builder import DONE_MARKER, read_report
+from mmke.results.atomic import build_folder_once
+
+
+@dataclass(frozen=True)
+class BuildDifference:
+    """Two builds' weights side by side: tensors compared, how many differ, the largest
+    absolute difference, and whether every weight file holds the same tensors bit for bit."""
+
+    tensors: int
+    differing: int
+    max_abs: float
+
+    @property
+    def identical(self) -> bool:
+        return self.differing == 0
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """Every safetensors file of a build, relative to it (MiniGPT-4 keeps its Llama below)."""
+    return sorted(p.relative_to(folder) for p in folder.rglob("*.safetensors"))
+
+
+def compare_builds(a: Path, b: Path) -> BuildDifference:
+    """Compare the weights of two builds of one family; a file or tensor only one of them has is
+    an error (they are not builds of the same model)."""
+    files = weight_files(a)
+    if files != weight_files(b):
+        raise ValueError(f"{a} and {b} hold different weight files: "
+                         f"{[str(f) for f in files]} vs {[str(f) for f in weight_files(b)]}")
+    tensors = differing = 0
+    max_abs = 0.0
+    for name in files:
+        left, right = load_file(str(a / name)), load_file(str(b / name))
+        if left.keys() != right.keys():
+            raise ValueError(f"{name}: the builds hold different tensors")
+        for key, x in left.items():
+            y = right[key]
+            tensors += 1
+            if not (x.shape == y.shape and x.dtype == y.dtype and bool((x == y).all())):
+                differing += 1
+                max_abs = max(max_abs, float((x.double() - y.double()).abs().max()))
+    return BuildDifference(tensors, differing, max_abs)
+
+
+def ship_build(folder: Path, shipped: Path) -> Path:
+    """Copy the finished build ``folder`` (``<cache>/backbones/<family>/<key>``) into
+    ``shipped/<family>/<key>``, replacing the family's other shipped keys: one shipped build per
+    family, the one its default settings name."""
+    read_report(folder)  # a build without its report is unfinished: refuse it
+    family = shipped / folder.parent.name
+    target = family / folder.name
+    if family.is_dir():
+        for old in family.iterdir():
+            if old.name != folder.name:
+                shutil.rmtree(old)
+    if target.exists():
+        shutil.rmtree(target)
+    return build_folder_once(target, lambda tmp: _copy(folder, tmp), DONE_MARKER)
+
+
+def _copy(source: Path, tmp: Path) -> str:
+    shutil.copytree(source, tmp, dirs_exist_ok=True, copy_function=shutil.copyfile)
+    return (source / DONE_MARKER).read_text()
