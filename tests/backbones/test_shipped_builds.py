@@ -112,6 +112,11 @@ def test_compare_builds_counts_differing_tensors_and_the_largest_difference(tmp_
     assert (diff.tensors, diff.differing, diff.max_abs) == (2, 1, 0.25)
     with pytest.raises(ValueError, match="different tensors"):
         compare_builds(base, write_build(tmp_path / "other", {"a": w["a"]}))
+    # MiniGPT-4's projection: a torch file with the released checkpoint's nesting
+    torch.save({"model": {"llama_proj.bias": torch.zeros(2)}}, same / "proj.pth")
+    torch.save({"model": {"llama_proj.bias": torch.tensor([0.0, 2.0])}}, base / "proj.pth")
+    diff = compare_builds(base, same)
+    assert (diff.tensors, diff.differing, diff.max_abs) == (3, 1, 2.0)
 
 
 def test_ship_build_keeps_one_key_per_family_and_refuses_an_unfinished_build(tmp_path):

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from mmke.backbones.tiny.builder import DONE_MARKER, read_report
@@ -27,9 +28,31 @@ class BuildDifference:
         return self.differing == 0
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth")  # MiniGPT-4's projection is a torch file, as released
+
+
 def weight_files(folder: Path) -> list[Path]:
-    """Every safetensors file of a build, relative to it (MiniGPT-4 keeps its Llama below)."""
-    return sorted(p.relative_to(folder) for p in folder.rglob("*.safetensors"))
+    """Every weight file of a build, relative to it (MiniGPT-4 keeps its Llama below)."""
+    return sorted(p.relative_to(folder) for p in folder.rglob("*")
+                  if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file, nested dictionaries (a ``.pth``'s ``{"model": ...}``)
+    flattened to dotted names."""
+    if path.suffix != ".pth":
+        return load_file(str(path))
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, torch.Tensor):
+                flat[f"{prefix}{key}"] = value
+
+    walk(torch.load(path, map_location="cpu", weights_only=True), "")
+    return flat
 
 
 def compare_builds(a: Path, b: Path) -> BuildDifference:
@@ -42,7 +65,7 @@ def compare_builds(a: Path, b: Path) -> BuildDifference:
     tensors = differing = 0
     max_abs = 0.0
     for name in files:
-        left, right = load_file(str(a / name)), load_file(str(b / name))
+        left, right = load_weights(a / name), load_weights(b / name)
         if left.keys() != right.keys():
             raise ValueError(f"{name}: the builds hold different tensors")
         for key, x in left.items():
