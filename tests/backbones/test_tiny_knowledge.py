@@ -1,7 +1,8 @@
 """Every pretrained tiny backbone really knows its world before any edit: at least 90% of the
 eval split's original answers, text-locality answers and multimodal-locality answers, on both
-tasks. The tiny BLIP-2 is built by `make demo`; the other families are built here on first use
-(several minutes each on 2 cores), hence marked slow."""
+tasks. The tests read the shipped builds (tests/backbones/test_shipped_builds.py), copied into
+the cache on first use; the families other than BLIP-2 stay marked slow, as their reports take
+a while."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -73,17 +74,11 @@ def test_build_report_is_cached_with_the_weights(tiny):
 HELDOUT_BAR = 0.80
 
 
-# Tiny Qwen2-VL, built on a 2-core AMD EPYC without AVX-512 on 2026-12-01, knew 89.8% of the
-# plain E-VQA questions and answered 76.7% through the held-out wordings (the image rephrase:
-# 89.4%). Builds differ between CPUs; where it stays under the aim, that is reported, not hidden.
-QWEN_HELDOUT_TEXT = "tiny Qwen2-VL may answer under 80% through held-out wordings (76.7% measured)"
-
-
 @pytest.mark.parametrize("rephrase", ["orig_rephrase", "orig_image_rephrase"])
 @pytest.mark.parametrize("task", ["vqa", "caption"])
-def test_understands_the_heldout_rephrases(tiny, task, rephrase, request):
-    if (tiny.name, task, rephrase) == ("tiny_qwen2vl", "vqa", "orig_rephrase"):
-        request.applymarker(pytest.mark.xfail(reason=QWEN_HELDOUT_TEXT, strict=False))
+def test_understands_the_heldout_rephrases(tiny, task, rephrase):
+    """The shipped builds: at least 87.4% (tiny MiniGPT-4, E-VQA wordings). Tiny Qwen2-VL at the
+    6 epochs it used to train answered 76.7% through the held-out wordings; at 12, 89.0%."""
     report = read_report(build_folder(tiny))
     assert report[f"{task}_heldout_{rephrase}"] >= HELDOUT_BAR, report
 
