@@ -23,7 +23,7 @@ DONE_MARKER = "pretrain_report.json"
 #: bars chosen on one machine's builds failed on the other's. With the weights shipped, every
 #: machine loads the same ones, and a fresh machine skips an hour of building. A build whose
 #: settings or recipe differ has another key, finds nothing shipped and is built as before;
-#: ``python -m mmke.backbones.tiny.ship`` rebuilds and re-ships the defaults.
+#: ``make rebuild-tiny ARGS=--ship`` (``benchmarks/rebuild_tiny.py``) rebuilds and re-ships them.
 SHIPPED = Path(__file__).with_name("shipped")
 
 
@@ -69,8 +69,8 @@ def cached_build(folder: Path, build: Callable[[Path], dict],
     """Run ``build(tmp)`` into a temporary sibling folder and rename it to ``folder``; the report
     it returns is written last, as the marker of a complete build. Reused when already there;
     copied from ``shipped`` (a folder laid out as ``SHIPPED``) when a build of the same family
-    and key is shipped there. The build
-    runs with ``BUILD_THREADS`` torch threads, whatever the caller set."""
+    and key is shipped there. The build runs with ``BUILD_THREADS`` torch threads, whatever the
+    caller set."""
     source = shipped_build(folder, shipped)
 
     def run(tmp: Path) -> str:
