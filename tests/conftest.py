@@ -64,6 +64,13 @@ def world_dir(default_cfg) -> Path:
 SMALL_WORLD = {"train_scenes": 300, "eval_scenes": 40, "loc_scenes": 10, "fact_subjects": 3,
                "probes_per_category": 1}
 
+#: Each family's short build on the small world (few steps): the real recipe end to end in
+#: seconds, for tests of the recipe and of the command line (``SMALL_WORLD`` added as ``world.*``).
+_SHORT = ["backbone.stage1.steps=10", "backbone.pretraining.epochs=1"]
+SHORT_BUILD = {"tiny_blip2": _SHORT, "tiny_llava": _SHORT, "tiny_qwen2vl": _SHORT,
+               "tiny_minigpt4": ["backbone.blip2.stage1.steps=10", "backbone.blip2.pretraining.epochs=1",
+                                 "backbone.pretraining.epochs=1"]}
+
 
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory) -> Path:

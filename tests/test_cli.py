@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cache_dir
+from tests.conftest import ROOT, SHORT_BUILD, SMALL_WORLD, cache_dir
 
 
-def run_cli(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MMKE_CACHE_DIR": str(cache_dir()), "PYTHONUNBUFFERED": "1"}
+def run_cli(*overrides: str, tmp_path: Path, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MMKE_CACHE_DIR": str(cache or cache_dir()), "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "run.py", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
                            *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -94,11 +94,17 @@ def test_unknown_config_option_fails(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("build", ["short", pytest.param("full", marks=pytest.mark.families)])
 @pytest.mark.parametrize("backbone", ["tiny_llava", "tiny_minigpt4", "tiny_qwen2vl"])
-def test_every_tiny_family_runs_end_to_end(tmp_path, backbone):
+def test_every_tiny_family_runs_end_to_end(tmp_path, small_world, backbone, build):
     """`python run.py backbone=tiny_<family>` edits with FT (its per-family settings) and writes
-    a complete run folder; the edits take."""
-    proc = run_cli(f"backbone={backbone}", "n_edits=3", tmp_path=tmp_path)
+    a complete run folder; the edits take. ``short``: on the small world's short build, so that
+    every family's command-line path runs in `make test`; ``full``: on the default build."""
+    overrides, cache = [], None
+    if build == "short":
+        overrides = [*SHORT_BUILD[backbone], *[f"world.{k}={v}" for k, v in SMALL_WORLD.items()]]
+        cache = small_world.parents[1]
+    proc = run_cli(f"backbone={backbone}", "n_edits=3", *overrides, tmp_path=tmp_path, cache=cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())

@@ -1,5 +1,6 @@
 """Fixtures shared by the editor tests: the tiny family under test (tiny BLIP-2, and the
-Llama-style tiny LLaVA as a slow case), its backbone, and the mini world's train split."""
+Llama-style tiny LLaVA under the ``families`` marker: its full build is not made in CI), its
+backbone, and the mini world's train split."""
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from mmke.evaluation.spec import MetricSpec
 from mmke.protocols.single import SingleEdit
 from tests.conftest import compose_config
 
-FAMILIES = [pytest.param("tiny_blip2"), pytest.param("tiny_llava", marks=pytest.mark.slow)]
+FAMILIES = [pytest.param("tiny_blip2"),
+            pytest.param("tiny_llava", marks=[pytest.mark.slow, pytest.mark.families])]
 
 
 def composed(editor: str, family: str, **overrides) -> Editor:

@@ -102,8 +102,8 @@ def test_training_lowers_its_loss_and_leaves_the_backbone_alone(fitted, pretrain
 def test_routing_picks_the_edits_own_expert_and_none_for_unrelated_pictures(fitted, vqa_source):
     """After 20 edits, most edits' prompts give their own expert the largest coefficient (chance:
     1 in 20), and the multimodal-locality prompts (other pictures, other questions) mostly route
-    to none. Measured on the shipped tiny BLIP-2 after 200 / 300 / 400 steps: own expert on top
-    for 15 / 14 / 13 of 20, locality prompts unrouted 18 / 14 / 18. (An earlier build of another
+    to none. Measured on a tiny BLIP-2 built on the CI machine's kind, after 200 / 300 / 400
+    steps: own expert on top for 15 / 14 / 13 of 20, locality prompts unrouted 18 / 14 / 18. (An earlier build of another
     machine gave 18+ own; a fit's float sums follow the CPU, so the bars keep a margin.)"""
     records = vqa_source.records("eval", limit=20)
     seen: list[torch.Tensor] = []

@@ -28,7 +28,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from mmke.backbones.qwen2vl import (QWEN2VL_PROMPT, QWEN2VL_TEXT_PROMPT, TURN_END, Qwen2VLBackbone,
                                     load_qwen2vl, save_qwen2vl)
-from mmke.backbones.tiny.builder import cache_key, cached_build, shipped_root
+from mmke.backbones.tiny.builder import cache_key, cached_build
 from mmke.backbones.tiny.context import in_context_folder
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.pretrain import PretrainSpec
@@ -166,11 +166,10 @@ def build_tiny_qwen2vl(out: Path, world: Path, world_spec: MiniWorldSpec, spec: 
 def tiny_qwen2vl(cache_dir: str, world: dict | None = None, model: dict | None = None,
                  pretraining: dict | None = None, stage1: dict | None = None,
                  in_context: dict | None = None, dtype: str = "float32", device: str = "auto",
-                 name: str = "tiny_qwen2vl", progress: bool = True,
-               shipped: bool = True) -> Qwen2VLBackbone:
+                 name: str = "tiny_qwen2vl", progress: bool = True) -> Qwen2VLBackbone:
     """The cached tiny Qwen2-VL for these settings, built on first use if missing;
     ``in_context``: the in-context stage's settings (``mmke.backbones.tiny.context``), off by
-    default; ``shipped=False`` builds it on this machine even where the package ships the build."""
+    default."""
     world_spec = MiniWorldSpec(**(world or {}))
     spec = TinyQwen2VLSpec(**(model or {}))
     train = PretrainSpec(**(pretraining or {}))
@@ -179,7 +178,7 @@ def tiny_qwen2vl(cache_dir: str, world: dict | None = None, model: dict | None =
     key = cache_key(RECIPE_VERSION, world_spec.key(), asdict(spec), asdict(train), asdict(first))
     folder = Path(cache_dir) / "backbones" / "tiny_qwen2vl" / key
     cached_build(folder, lambda out: build_tiny_qwen2vl(out, world_dir, world_spec, spec, train,
-                                                        first, progress), shipped_root(shipped))
+                                                        first, progress))
     folder = in_context_folder(folder, in_context, world_dir,
                                lambda f: load_qwen2vl(str(f), device="cpu"), save_qwen2vl, progress)
     return load_qwen2vl(str(folder), dtype=dtype, device=device, name=name)

@@ -1,17 +1,14 @@
-"""Shipping tiny builds with the package (``builder.SHIPPED``), and telling how far a rebuild on
-this machine lands from the shipped one (``benchmarks/rebuild_tiny.py`` drives both)."""
+"""How far two builds of one tiny family lie apart, weight by weight: a rebuild on this machine
+against the build in a cache (``benchmarks/rebuild_tiny.py``), since float builds follow the
+CPU's kernels (``mmke.backbones.tiny.builder``)."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-
-from mmke.backbones.tiny.builder import DONE_MARKER, read_report
-from mmke.results.atomic import build_folder_once
 
 
 @dataclass(frozen=True)
@@ -75,24 +72,3 @@ def compare_builds(a: Path, b: Path) -> BuildDifference:
                 differing += 1
                 max_abs = max(max_abs, float((x.double() - y.double()).abs().max()))
     return BuildDifference(tensors, differing, max_abs)
-
-
-def ship_build(folder: Path, shipped: Path) -> Path:
-    """Copy the finished build ``folder`` (``<cache>/backbones/<family>/<key>``) into
-    ``shipped/<family>/<key>``, replacing the family's other shipped keys: one shipped build per
-    family, the one its default settings name."""
-    read_report(folder)  # a build without its report is unfinished: refuse it
-    family = shipped / folder.parent.name
-    target = family / folder.name
-    if family.is_dir():
-        for old in family.iterdir():
-            if old.name != folder.name:
-                shutil.rmtree(old)
-    if target.exists():
-        shutil.rmtree(target)
-    return build_folder_once(target, lambda tmp: _copy(folder, tmp), DONE_MARKER)
-
-
-def _copy(source: Path, tmp: Path) -> str:
-    shutil.copytree(source, tmp, dirs_exist_ok=True, copy_function=shutil.copyfile)
-    return (source / DONE_MARKER).read_text()
