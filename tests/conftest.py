@@ -64,6 +64,10 @@ def world_dir(default_cfg) -> Path:
 SMALL_WORLD = {"train_scenes": 300, "eval_scenes": 40, "loc_scenes": 10, "fact_subjects": 3,
                "probes_per_category": 1}
 
+#: The marks of a test on the full default build of tiny LLaVA, MiniGPT-4 or Qwen2-VL: 20 to 27
+#: minutes each to build on 2 cores, so left out of `make test` (CI) and run by `make test-families`.
+FULL_BUILD = [pytest.mark.slow, pytest.mark.families]
+
 #: Each family's short build on the small world (few steps): the real recipe end to end in
 #: seconds, for tests of the recipe and of the command line (``SMALL_WORLD`` added as ``world.*``).
 _SHORT = ["backbone.stage1.steps=10", "backbone.pretraining.epochs=1"]

@@ -14,10 +14,9 @@ from hydra.utils import instantiate
 from mmke.backbones.base import Backbone
 from mmke.backbones.tiny.builder import DONE_MARKER, read_report
 from mmke.evaluation.knowledge import knowledge_report
-from tests.conftest import compose_config
+from tests.conftest import FULL_BUILD, compose_config
 
 BAR = 0.90
-FULL_BUILD = [pytest.mark.slow, pytest.mark.families]
 FAMILIES = [pytest.param("tiny_blip2"),
             pytest.param("tiny_llava", marks=FULL_BUILD),
             pytest.param("tiny_minigpt4", marks=FULL_BUILD),
@@ -79,8 +78,9 @@ HELDOUT_BAR = 0.80
 @pytest.mark.parametrize("rephrase", ["orig_rephrase", "orig_image_rephrase"])
 @pytest.mark.parametrize("task", ["vqa", "caption"])
 def test_understands_the_heldout_rephrases(tiny, task, rephrase):
-    """Builds of a 2-core AMD EPYC without AVX-512: at least 87.4% (tiny MiniGPT-4, E-VQA wordings). Tiny Qwen2-VL at the
-    6 epochs it used to train answered 76.7% through the held-out wordings; at 12, 89.0%."""
+    """Builds of a 2-core AMD EPYC without AVX-512: at least 87.4% (tiny MiniGPT-4, E-VQA
+    wordings). Tiny Qwen2-VL at the 6 epochs it used to train answered 76.7% through the held-out
+    wordings; at 12, 89.0%."""
     report = read_report(build_folder(tiny))
     assert report[f"{task}_heldout_{rephrase}"] >= HELDOUT_BAR, report
 

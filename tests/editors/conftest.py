@@ -11,10 +11,10 @@ from mmke.editors.base import Editor
 from mmke.evaluation.evaluator import Evaluator
 from mmke.evaluation.spec import MetricSpec
 from mmke.protocols.single import SingleEdit
-from tests.conftest import compose_config
+from tests.conftest import FULL_BUILD, compose_config
 
 FAMILIES = [pytest.param("tiny_blip2"),
-            pytest.param("tiny_llava", marks=[pytest.mark.slow, pytest.mark.families])]
+            pytest.param("tiny_llava", marks=FULL_BUILD)]
 
 
 def composed(editor: str, family: str, **overrides) -> Editor:

@@ -52,8 +52,8 @@ def alphaedit(family, backbone, vqa_source, train):
 def test_single_edits_flip_the_target(alphaedit, vqa_source):
     """Rel >= 90% over 20 single edits, scored by the real evaluator. The tiny LLaVA is the
     close case: 92.5 on a build of the CI machine's kind (an earlier build of another machine
-    gave 85.0). Its tokenizer splits " yes"/" no" into " " + word, and δ at the last prompt token cannot move
-    the word's prediction one position later (conf/editor_backbone/alphaedit_tiny_llava.yaml)."""
+    gave 85.0). Its tokenizer splits " yes"/" no" into " " + word, and δ at the last prompt token
+    cannot move the word's prediction one position later (conf/editor_backbone/alphaedit_tiny_llava.yaml)."""
     rel = single_edit_rel(alphaedit, vqa_source)
     assert rel >= 90.0, rel
 

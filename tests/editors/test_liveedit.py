@@ -103,8 +103,9 @@ def test_routing_picks_the_edits_own_expert_and_none_for_unrelated_pictures(fitt
     """After 20 edits, most edits' prompts give their own expert the largest coefficient (chance:
     1 in 20), and the multimodal-locality prompts (other pictures, other questions) mostly route
     to none. Measured on a tiny BLIP-2 built on the CI machine's kind, after 200 / 300 / 400
-    steps: own expert on top for 15 / 14 / 13 of 20, locality prompts unrouted 18 / 14 / 18. (An earlier build of another
-    machine gave 18+ own; a fit's float sums follow the CPU, so the bars keep a margin.)"""
+    steps: own expert on top for 15 / 14 / 13 of 20, locality prompts unrouted 18 / 14 / 18. (An
+    earlier build of another machine gave 18+ own; a fit's float sums follow the CPU, so the bars
+    keep a margin.)"""
     records = vqa_source.records("eval", limit=20)
     seen: list[torch.Tensor] = []
     original = fitted._coefficients

@@ -26,11 +26,11 @@ def cache_key(*parts: Any) -> str:
 #: editor settings chosen on one do not carry to the other). Two is what the 2-core CI machine
 #: and ``make demo`` there use by default; pinning it makes every machine build those weights.
 BUILD_THREADS = 2
-#: A float build also follows the CPU's kernels: the same code, world, seeds, threads and
-#: packages gave tiny Qwen2-VL 93.1% of the E-VQA-mini answers on one machine (AVX-512) and 89.8%
-#: on another (a 2-core AMD EPYC without AVX-512, the CI machine's kind, on whose builds the
-#: editor settings and test bars are chosen). ``make rebuild-tiny`` (``benchmarks/rebuild_tiny.py``)
-#: tells how far this machine's rebuild lands from the builds in a cache.
+# A float build also follows the CPU's kernels: the same code, world, seeds, threads and packages
+# gave tiny Qwen2-VL 93.1% of the E-VQA-mini answers on one machine (AVX-512) and 89.8% on another
+# (a 2-core AMD EPYC without AVX-512, the CI machine's kind, on whose builds the editor settings
+# and test bars are chosen). `make rebuild-tiny` (benchmarks/rebuild_tiny.py) tells how far this
+# machine's rebuild lands from the builds in a cache.
 
 
 @contextmanager
