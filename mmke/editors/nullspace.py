@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
-from tqdm.auto import tqdm
 
 from mmke.backbones.base import Backbone
 from mmke.data.record import Prompt
+from mmke.progress import progress_bar
 from mmke.results.atomic import atomic_write_bytes
 from mmke.sweep.fingerprint import tensor_fingerprint
 
@@ -68,7 +68,7 @@ def key_second_moments(backbone: Backbone, prompts: Sequence[Prompt], layers: Se
     sums: dict[int, torch.Tensor] = {}
     count = 0
     batches = range(0, len(prompts), batch_size)
-    for start in tqdm(batches, desc="AlphaEdit K0", disable=not progress):
+    for start in progress_bar(batches, desc="AlphaEdit K0", disable=not progress):
         batch = backbone.prepare(prompts[start:start + batch_size])
         attended = batch.attention_mask.bool()
         for layer, keys in backbone.ffn_keys(batch, layers).items():

@@ -43,13 +43,13 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
-from tqdm.auto import tqdm
 
 from mmke.data.record import EditRecord
 from mmke.editors.base import Editor
 from mmke.editors.nullspace import backbone_fingerprint
 from mmke.editors.snapshot import RequiresGrad
 from mmke.errors import ConfigError, MMKEError
+from mmke.progress import progress_bar
 from mmke.regularizers.base import Regularizer
 from mmke.results.atomic import atomic_write_bytes
 from mmke.tensor_state import load_optimizer_tensors, optimizer_tensors
@@ -383,8 +383,8 @@ class TrainedEditor(Editor):
         frozen = RequiresGrad(self.backbone.model)
         self.backbone.model.requires_grad_(False)
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
-        bar = tqdm(range(first, settings.steps), initial=first, total=settings.steps,
-                   desc=f"fit {self.name}", disable=not self.progress or rank != 0)
+        bar = progress_bar(range(first, settings.steps), initial=first, total=settings.steps,
+                           desc=f"fit {self.name}", disable=not self.progress or rank != 0)
         try:
             networks.train()
             for step in bar:

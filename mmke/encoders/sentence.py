@@ -21,10 +21,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from mmke.devices import resolve_device
 from mmke.errors import ConfigError, DataError, WeightsNotFoundError
+from mmke.progress import progress_bar
 from mmke.results.atomic import build_folder_once
 
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -267,8 +267,8 @@ class SentenceEncoder:
         # Stable sort by length: the order (hence each batch) is a function of the input alone.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         starts = range(0, len(order), size)
-        bar = tqdm(starts, desc=f"encoding with {MODEL_NAME}", unit="batch", dynamic_ncols=True,
-                   disable=not self.progress or len(starts) <= 1)
+        bar = progress_bar(starts, desc=f"encoding with {MODEL_NAME}", unit="batch",
+                           dynamic_ncols=True, disable=not self.progress or len(starts) <= 1)
         for start in bar:
             index = order[start:start + size]
             out[torch.tensor(index, device=self.device)] = self.embed_batch(

@@ -13,6 +13,7 @@ from mmke.data.record import EditRecord
 from mmke.editors.base import EditOutcome, Editor
 from mmke.errors import ConfigError
 from mmke.evaluation.evaluator import METRICS, Evaluator
+from mmke.progress import progress_bar
 
 EditSink = Callable[[dict], None]
 #: Receives general-capability probe rows (``Protocol._probe``), one per category.
@@ -113,7 +114,8 @@ class Protocol(ABC):
 
     @staticmethod
     def _bar(total: int, desc: str, progress: bool) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=not progress, unit="edit", dynamic_ncols=True)
+        return progress_bar(total=total, desc=desc, disable=not progress, unit="edit",
+                            dynamic_ncols=True)
 
     @staticmethod
     def _timed(fn: Callable[[], list[dict[str, float]]]) -> tuple[list[dict[str, float]], float]:

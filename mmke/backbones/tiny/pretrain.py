@@ -7,10 +7,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from mmke.backbones.base import Backbone, ModelBatch
 from mmke.data.record import Prompt
+from mmke.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def train_on(backbone: Backbone, trainable: Sequence[torch.nn.Parameter],
     model.train()
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total))
-    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step")
+    bar = progress_bar(total=total, desc=desc, disable=not progress, unit="step")
     loss_value = float("nan")
     for batch in batches:
         batch = batch.to(backbone.device, backbone.dtype)
