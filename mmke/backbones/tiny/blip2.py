@@ -15,7 +15,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QForm
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from mmke.backbones.blip2 import Blip2Backbone, load_blip2, save_blip2
-from mmke.backbones.tiny.builder import cache_key, cached_build
+from mmke.backbones.tiny.builder import cache_key, cached_build, shipped_root
 from mmke.backbones.tiny.context import in_context_folder
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.pretrain import PretrainSpec
@@ -124,9 +124,10 @@ def build_tiny_blip2(out: Path, world: Path, world_spec: MiniWorldSpec, spec: Ti
 
 def tiny_blip2_folder(cache_dir: str, world: dict | None = None, model: dict | None = None,
                       pretraining: dict | None = None, stage1: dict | None = None,
-                      progress: bool = True) -> Path:
-    """The folder of the cached tiny BLIP-2 for these settings (HF layout), built if missing
-    (about 15 minutes on 2 cores). Tiny MiniGPT-4 takes its vision tower and Q-Former from here."""
+                      progress: bool = True, shipped: bool = True) -> Path:
+    """The folder of the cached tiny BLIP-2 for these settings (HF layout): copied from the
+    shipped builds when one answers to them (``shipped``), else built here (about 15 minutes on
+    2 cores). Tiny MiniGPT-4 takes its vision tower and Q-Former from here."""
     world_spec = MiniWorldSpec(**(world or {}))
     spec = TinyBlip2Spec(**(model or {}))
     train = PretrainSpec(**(pretraining or {}))
@@ -134,18 +135,34 @@ def tiny_blip2_folder(cache_dir: str, world: dict | None = None, model: dict | N
     world_dir = ensure_miniworld(cache_dir, world_spec)
     key = cache_key(RECIPE_VERSION, world_spec.key(), asdict(spec), asdict(train), asdict(first))
     folder = Path(cache_dir) / "backbones" / "tiny_blip2" / key
+    settings = {"recipe": RECIPE_VERSION, "world": world_spec.settings(), "model": asdict(spec),
+                "pretraining": asdict(train), "stage1": asdict(first)}
     return cached_build(folder, lambda out: build_tiny_blip2(out, world_dir, world_spec, spec, train,
-                                                             first, progress))
+                                                             first, progress),
+                        settings, shipped_root(shipped))
+
+
+def tiny_blip2_build(cache_dir: str, world: dict | None = None, model: dict | None = None,
+                     pretraining: dict | None = None, stage1: dict | None = None,
+                     in_context: dict | None = None, progress: bool = True,
+                     shipped: bool = True) -> Path:
+    """The folder ``tiny_blip2`` loads: the base build, or its in-context stage when
+    ``in_context`` turns it on (``mmke.backbones.tiny.context``), each shipped or built."""
+    folder = tiny_blip2_folder(cache_dir, world, model, pretraining, stage1, progress, shipped)
+    return in_context_folder(folder, in_context,
+                             ensure_miniworld(cache_dir, MiniWorldSpec(**(world or {}))),
+                             lambda f: load_blip2(str(f), device="cpu"), save_blip2, progress,
+                             shipped)
 
 
 def tiny_blip2(cache_dir: str, world: dict | None = None, model: dict | None = None,
                pretraining: dict | None = None, stage1: dict | None = None,
                in_context: dict | None = None, dtype: str = "float32", device: str = "auto",
-               name: str = "tiny_blip2", progress: bool = True) -> Blip2Backbone:
-    """The cached tiny BLIP-2 for these settings, built if missing; ``in_context``: the
-    settings of the in-context stage (``mmke.backbones.tiny.context``), off by default."""
-    folder = tiny_blip2_folder(cache_dir, world, model, pretraining, stage1, progress)
-    folder = in_context_folder(folder, in_context,
-                               ensure_miniworld(cache_dir, MiniWorldSpec(**(world or {}))),
-                               lambda f: load_blip2(str(f), device="cpu"), save_blip2, progress)
+               name: str = "tiny_blip2", progress: bool = True,
+               shipped: bool = True) -> Blip2Backbone:
+    """The cached tiny BLIP-2 for these settings, shipped or built if missing; ``in_context``:
+    the settings of the in-context stage (``mmke.backbones.tiny.context``), off by default;
+    ``shipped=False`` builds on this machine even where a shipped build answers."""
+    folder = tiny_blip2_build(cache_dir, world, model, pretraining, stage1, in_context, progress,
+                              shipped)
     return load_blip2(str(folder), dtype=dtype, device=device, name=name)

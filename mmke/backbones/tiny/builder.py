@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,9 +12,16 @@ from typing import Any
 
 import torch
 
-from mmke.results.atomic import build_folder_once
+from mmke.backbones.tiny.shipping import (REPORT_FILE, SETTINGS_FILE, SHIPPED, copy_shipped,
+                                          find_shipped, why_building)
+from mmke.results.atomic import atomic_write_text, build_folder_once
 
-DONE_MARKER = "pretrain_report.json"
+DONE_MARKER = REPORT_FILE
+
+
+class BuildingHere(UserWarning):
+    """A tiny build is trained on this machine (nothing shipped answers to its settings, or
+    ``backbone.shipped=false``): the message says why."""
 
 
 def cache_key(*parts: Any) -> str:
@@ -26,11 +34,8 @@ def cache_key(*parts: Any) -> str:
 #: editor settings chosen on one do not carry to the other). Two is what the 2-core CI machine
 #: and ``make demo`` there use by default; pinning it makes every machine build those weights.
 BUILD_THREADS = 2
-# A float build also follows the CPU's kernels: the same code, world, seeds, threads and packages
-# gave tiny Qwen2-VL 93.1% of the E-VQA-mini answers on one machine (AVX-512) and 89.8% on another
-# (a 2-core AMD EPYC without AVX-512, the CI machine's kind, on whose builds the editor settings
-# and test bars are chosen). `make rebuild-tiny` (benchmarks/rebuild_tiny.py) tells how far this
-# machine's rebuild lands from the builds in a cache.
+# A float build also follows the CPU's kernels, so the default builds ship with the package
+# (mmke.backbones.tiny.shipping); `make rebuild-tiny` tells how far this machine's rebuild lands.
 
 
 @contextmanager
@@ -44,12 +49,31 @@ def build_threads(n: int = BUILD_THREADS) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def cached_build(folder: Path, build: Callable[[Path], dict]) -> Path:
-    """Run ``build(tmp)`` into a temporary sibling folder and rename it to ``folder``; the report
-    it returns is written last, as the marker of a complete build. Reused when already there.
-    The build runs with ``BUILD_THREADS`` torch threads, whatever the caller set."""
+def shipped_root(use: bool) -> Path | None:
+    """Where a family looks for shipped builds: ``SHIPPED``, or nowhere with
+    ``backbone.shipped=false`` (build on this machine)."""
+    return SHIPPED if use else None
+
+
+def cached_build(folder: Path, build: Callable[[Path], dict], settings: dict[str, Any],
+                 shipped: Path | None = None) -> Path:
+    """``folder`` (``<cache>/backbones/<family>/<key>``), made the first time: copied from the
+    shipped set ``shipped`` when a build of that family and key ships there, else ``build(tmp)``
+    fills a temporary sibling folder with ``BUILD_THREADS`` torch threads and its report is
+    written last, as the marker of a complete build. ``settings``, the named parts of the key,
+    are kept beside the report (``SETTINGS_FILE``): they say what a later build differs in."""
+    text = json.dumps(settings, indent=1, sort_keys=True, default=str)
+    if (folder / DONE_MARKER).is_file():
+        if not (folder / SETTINGS_FILE).is_file():  # a build made before settings were kept
+            atomic_write_text(folder / SETTINGS_FILE, text)
+        return folder
+    source = find_shipped(folder, shipped)
 
     def run(tmp: Path) -> str:
+        if source is not None:
+            return copy_shipped(source, tmp)
+        warnings.warn(why_building(folder, settings, shipped), BuildingHere, stacklevel=4)
+        (tmp / SETTINGS_FILE).write_text(text)
         with build_threads():
             return json.dumps(build(tmp), indent=1)
 

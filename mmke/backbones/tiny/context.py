@@ -29,7 +29,7 @@ from typing import TypeVar
 import torch
 
 from mmke.backbones.base import Backbone, ModelBatch
-from mmke.backbones.tiny.builder import cache_key, cached_build, read_report
+from mmke.backbones.tiny.builder import cache_key, cached_build, read_report, shipped_root
 from mmke.backbones.tiny.corpus import pretraining_prompts
 from mmke.backbones.tiny.pretrain import train_on
 from mmke.backbones.tiny.recipe import knowledge_of_world
@@ -175,11 +175,12 @@ def context_stage(backbone: Backbone, world: Path, spec: ContextSpec,
 
 def in_context_folder(base: Path, settings: dict | None, world: Path,
                       load: Callable[[Path], B], save: Callable[[B, Path], None],
-                      progress: bool = True) -> Path:
+                      progress: bool = True, shipped: bool = True) -> Path:
     """``base`` when the stage is off; else the cached folder of ``base`` after the stage (built
     if missing, beside ``base``, keyed by it and the stage's settings). ``load``/``save`` are
     the family's (float32 on the CPU). Its report is the base's, with the stage's figures and the
-    knowledge of both tasks measured again."""
+    knowledge of both tasks measured again. ``shipped``: copy a shipped stage that answers to
+    these settings instead of training it (``mmke.backbones.tiny.shipping``)."""
     spec = ContextSpec(**(settings or {}))
     if not spec.enabled:
         return base
@@ -194,4 +195,5 @@ def in_context_folder(base: Path, settings: dict | None, world: Path,
         save(backbone, out)
         return report
 
-    return cached_build(folder, build)
+    settings = {"context_version": CONTEXT_VERSION, "base": base.name, "in_context": asdict(spec)}
+    return cached_build(folder, build, settings, shipped_root(shipped))

@@ -18,7 +18,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from mmke.backbones.llava import LLAVA_PROMPT, LLAVA_TEXT_PROMPT, LlavaBackbone, load_llava, save_llava
-from mmke.backbones.tiny.builder import cache_key, cached_build
+from mmke.backbones.tiny.builder import cache_key, cached_build, shipped_root
 from mmke.backbones.tiny.context import in_context_folder
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.pretrain import PretrainSpec
@@ -109,12 +109,12 @@ def build_tiny_llava(out: Path, world: Path, world_spec: MiniWorldSpec, spec: Ti
     return report
 
 
-def tiny_llava(cache_dir: str, world: dict | None = None, model: dict | None = None,
-               pretraining: dict | None = None, stage1: dict | None = None,
-               in_context: dict | None = None, dtype: str = "float32", device: str = "auto",
-               name: str = "tiny_llava", progress: bool = True) -> LlavaBackbone:
-    """The cached tiny LLaVA for these settings, built on first use if missing; ``in_context``:
-    the in-context stage's settings (``mmke.backbones.tiny.context``), off by default."""
+def tiny_llava_build(cache_dir: str, world: dict | None = None, model: dict | None = None,
+                     pretraining: dict | None = None, stage1: dict | None = None,
+                     in_context: dict | None = None, progress: bool = True,
+                     shipped: bool = True) -> Path:
+    """The folder ``tiny_llava`` loads: the base build, or its in-context stage when
+    ``in_context`` turns it on (``mmke.backbones.tiny.context``), each shipped or built."""
     world_spec = MiniWorldSpec(**(world or {}))
     spec = TinyLlavaSpec(**(model or {}))
     train = PretrainSpec(**(pretraining or {}))
@@ -122,8 +122,24 @@ def tiny_llava(cache_dir: str, world: dict | None = None, model: dict | None = N
     world_dir = ensure_miniworld(cache_dir, world_spec)
     key = cache_key(RECIPE_VERSION, world_spec.key(), asdict(spec), asdict(train), asdict(first))
     folder = Path(cache_dir) / "backbones" / "tiny_llava" / key
+    settings = {"recipe": RECIPE_VERSION, "world": world_spec.settings(), "model": asdict(spec),
+                "pretraining": asdict(train), "stage1": asdict(first)}
     cached_build(folder, lambda out: build_tiny_llava(out, world_dir, world_spec, spec, train,
-                                                      first, progress))
-    folder = in_context_folder(folder, in_context, world_dir,
-                               lambda f: load_llava(str(f), device="cpu"), save_llava, progress)
+                                                      first, progress),
+                 settings, shipped_root(shipped))
+    return in_context_folder(folder, in_context, world_dir,
+                             lambda f: load_llava(str(f), device="cpu"), save_llava, progress,
+                             shipped)
+
+
+def tiny_llava(cache_dir: str, world: dict | None = None, model: dict | None = None,
+               pretraining: dict | None = None, stage1: dict | None = None,
+               in_context: dict | None = None, dtype: str = "float32", device: str = "auto",
+               name: str = "tiny_llava", progress: bool = True,
+               shipped: bool = True) -> LlavaBackbone:
+    """The cached tiny LLaVA for these settings, shipped or built on first use if missing;
+    ``in_context``: the in-context stage's settings (``mmke.backbones.tiny.context``), off by
+    default; ``shipped=False`` builds on this machine even where a shipped build answers."""
+    folder = tiny_llava_build(cache_dir, world, model, pretraining, stage1, in_context, progress,
+                              shipped)
     return load_llava(str(folder), dtype=dtype, device=device, name=name)

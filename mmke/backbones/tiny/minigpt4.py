@@ -24,7 +24,7 @@ from mmke.backbones.minigpt4 import (ASSISTANT_MARKER, MINIGPT4_PROMPT, MINIGPT4
                                      MiniGPT4, MiniGPT4Backbone, load_blip2_vision, load_minigpt4,
                                      save_minigpt4_parts)
 from mmke.backbones.tiny.blip2 import tiny_blip2_folder
-from mmke.backbones.tiny.builder import cache_key, cached_build
+from mmke.backbones.tiny.builder import cache_key, cached_build, shipped_root
 from mmke.backbones.tiny.context import in_context_folder
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.llava import llama_config
@@ -79,25 +79,26 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def tiny_minigpt4(cache_dir: str, blip2: dict, world: dict | None = None,
-                  model: dict | None = None, pretraining: dict | None = None,
-                  in_context: dict | None = None, dtype: str = "float32", device: str = "auto",
-                  name: str = "tiny_minigpt4", progress: bool = True) -> MiniGPT4Backbone:
-    """The cached tiny MiniGPT-4 for these settings, built on first use (after the tiny BLIP-2 it
-    takes its vision side from, itself cached). ``blip2`` holds the tiny BLIP-2's settings;
-    ``in_context``: the in-context stage's settings (``mmke.backbones.tiny.context``), off by
-    default (the vision side is BLIP-2's base build either way)."""
+def tiny_minigpt4_build(cache_dir: str, blip2: dict, world: dict | None = None,
+                        model: dict | None = None, pretraining: dict | None = None,
+                        in_context: dict | None = None, progress: bool = True,
+                        shipped: bool = True) -> tuple[Path, Path]:
+    """The folders ``tiny_minigpt4`` loads: the tiny BLIP-2 build it takes its vision side from,
+    and its own base build or, when ``in_context`` turns it on, its in-context stage."""
     blip2, world = _plain(blip2), _plain(world)
     world_spec = MiniWorldSpec(**(world or {}))
     spec = TinyMiniGPT4Spec(**(_plain(model) or {}))
     train = PretrainSpec(**(_plain(pretraining) or {}))
     blip2_folder = tiny_blip2_folder(cache_dir, world, blip2.get("model"), blip2.get("pretraining"),
-                                     blip2.get("stage1"), progress)
+                                     blip2.get("stage1"), progress, shipped)
     world_dir = ensure_miniworld(cache_dir, world_spec)
     key = cache_key(RECIPE_VERSION, world_spec.key(), blip2_folder.name, asdict(spec), asdict(train))
     folder = Path(cache_dir) / "backbones" / "tiny_minigpt4" / key
+    settings = {"recipe": RECIPE_VERSION, "world": world_spec.settings(), "blip2": blip2_folder.name,
+                "model": asdict(spec), "pretraining": asdict(train)}
     cached_build(folder, lambda out: build_tiny_minigpt4(out, world_dir, blip2_folder, spec, train,
-                                                         progress))
+                                                         progress),
+                 settings, shipped_root(shipped))
 
     def load(f: Path) -> MiniGPT4Backbone:
         return load_minigpt4(str(blip2_folder), str(f / PROJECTION_FILE), str(f / LLAMA_FOLDER),
@@ -106,6 +107,21 @@ def tiny_minigpt4(cache_dir: str, blip2: dict, world: dict | None = None,
     def save(backbone: MiniGPT4Backbone, out: Path) -> None:
         save_minigpt4_parts(backbone, out / PROJECTION_FILE, out / LLAMA_FOLDER)
 
-    folder = in_context_folder(folder, _plain(in_context), world_dir, load, save, progress)
+    return blip2_folder, in_context_folder(folder, _plain(in_context), world_dir, load, save,
+                                           progress, shipped)
+
+
+def tiny_minigpt4(cache_dir: str, blip2: dict, world: dict | None = None,
+                  model: dict | None = None, pretraining: dict | None = None,
+                  in_context: dict | None = None, dtype: str = "float32", device: str = "auto",
+                  name: str = "tiny_minigpt4", progress: bool = True,
+                  shipped: bool = True) -> MiniGPT4Backbone:
+    """The cached tiny MiniGPT-4 for these settings, shipped or built on first use (after the
+    tiny BLIP-2 it takes its vision side from, itself cached). ``blip2`` holds the tiny BLIP-2's settings;
+    ``in_context``: the in-context stage's settings (``mmke.backbones.tiny.context``), off by
+    default (the vision side is BLIP-2's base build either way); ``shipped=False`` builds both
+    on this machine even where shipped builds answer."""
+    blip2_folder, folder = tiny_minigpt4_build(cache_dir, blip2, world, model, pretraining,
+                                               in_context, progress, shipped)
     return load_minigpt4(str(blip2_folder), str(folder / PROJECTION_FILE),
                          str(folder / LLAMA_FOLDER), dtype=dtype, device=device, name=name)

@@ -28,7 +28,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from mmke.backbones.qwen2vl import (QWEN2VL_PROMPT, QWEN2VL_TEXT_PROMPT, TURN_END, Qwen2VLBackbone,
                                     load_qwen2vl, save_qwen2vl)
-from mmke.backbones.tiny.builder import cache_key, cached_build
+from mmke.backbones.tiny.builder import cache_key, cached_build, shipped_root
 from mmke.backbones.tiny.context import in_context_folder
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.pretrain import PretrainSpec
@@ -163,13 +163,12 @@ def build_tiny_qwen2vl(out: Path, world: Path, world_spec: MiniWorldSpec, spec: 
     return report
 
 
-def tiny_qwen2vl(cache_dir: str, world: dict | None = None, model: dict | None = None,
-                 pretraining: dict | None = None, stage1: dict | None = None,
-                 in_context: dict | None = None, dtype: str = "float32", device: str = "auto",
-                 name: str = "tiny_qwen2vl", progress: bool = True) -> Qwen2VLBackbone:
-    """The cached tiny Qwen2-VL for these settings, built on first use if missing;
-    ``in_context``: the in-context stage's settings (``mmke.backbones.tiny.context``), off by
-    default."""
+def tiny_qwen2vl_build(cache_dir: str, world: dict | None = None, model: dict | None = None,
+                       pretraining: dict | None = None, stage1: dict | None = None,
+                       in_context: dict | None = None, progress: bool = True,
+                       shipped: bool = True) -> Path:
+    """The folder ``tiny_qwen2vl`` loads: the base build, or its in-context stage when
+    ``in_context`` turns it on (``mmke.backbones.tiny.context``), each shipped or built."""
     world_spec = MiniWorldSpec(**(world or {}))
     spec = TinyQwen2VLSpec(**(model or {}))
     train = PretrainSpec(**(pretraining or {}))
@@ -177,8 +176,24 @@ def tiny_qwen2vl(cache_dir: str, world: dict | None = None, model: dict | None =
     world_dir = ensure_miniworld(cache_dir, world_spec)
     key = cache_key(RECIPE_VERSION, world_spec.key(), asdict(spec), asdict(train), asdict(first))
     folder = Path(cache_dir) / "backbones" / "tiny_qwen2vl" / key
+    settings = {"recipe": RECIPE_VERSION, "world": world_spec.settings(), "model": asdict(spec),
+                "pretraining": asdict(train), "stage1": asdict(first)}
     cached_build(folder, lambda out: build_tiny_qwen2vl(out, world_dir, world_spec, spec, train,
-                                                        first, progress))
-    folder = in_context_folder(folder, in_context, world_dir,
-                               lambda f: load_qwen2vl(str(f), device="cpu"), save_qwen2vl, progress)
+                                                        first, progress),
+                 settings, shipped_root(shipped))
+    return in_context_folder(folder, in_context, world_dir,
+                             lambda f: load_qwen2vl(str(f), device="cpu"), save_qwen2vl,
+                             progress, shipped)
+
+
+def tiny_qwen2vl(cache_dir: str, world: dict | None = None, model: dict | None = None,
+                 pretraining: dict | None = None, stage1: dict | None = None,
+                 in_context: dict | None = None, dtype: str = "float32", device: str = "auto",
+                 name: str = "tiny_qwen2vl", progress: bool = True,
+                 shipped: bool = True) -> Qwen2VLBackbone:
+    """The cached tiny Qwen2-VL for these settings, shipped or built on first use if
+    missing; ``in_context``: the in-context stage's settings (``mmke.backbones.tiny.context``),
+    off by default; ``shipped=False`` builds on this machine even where a shipped build answers."""
+    folder = tiny_qwen2vl_build(cache_dir, world, model, pretraining, stage1, in_context, progress,
+                                shipped)
     return load_qwen2vl(str(folder), dtype=dtype, device=device, name=name)

@@ -52,8 +52,12 @@ class MiniWorldSpec:
     probes_per_category: int = 100
     max_jitter: int = 1
 
+    def settings(self) -> dict:
+        """What the world's key is made of: the generator's version and every setting."""
+        return {"v": GENERATOR_VERSION, **asdict(self)}
+
     def key(self) -> str:
-        payload = json.dumps({"v": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        payload = json.dumps(self.settings(), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
