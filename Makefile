@@ -16,18 +16,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-## Edit the tiny BLIP-2 with FT on E-VQA-mini (the first time: builds the mini world and the tiny
-## BLIP-2, about 15 minutes on 2 cores).
+## Edit the tiny BLIP-2 with FT on E-VQA-mini (the first time: generates the mini world and copies
+## in the shipped tiny BLIP-2; nothing is pretrained).
 demo: install
 	$(PY) run.py
 
-## The test suite (slow tests included) but for the full builds of the families other than the
-## tiny BLIP-2 (marker `families`); the 25 slowest are listed, to keep CI in budget.
+## The whole test suite, slow tests and every family's shipped build included (what CI runs); the
+## 25 slowest are listed, to keep CI in budget.
 test: install
-	$(PY) -m pytest -q -m "not families" --durations=25
+	$(PY) -m pytest -q --durations=25
 
-## The tests on the full builds of tiny LLaVA, MiniGPT-4 and Qwen2-VL: the first time builds them
-## (about 75 minutes on 2 cores), later runs take the cached builds.
+## Only the tests on the shipped builds of tiny LLaVA, MiniGPT-4 and Qwen2-VL (marker `families`).
 test-families: install
 	$(PY) -m pytest -q -m families --durations=10
 
@@ -55,8 +54,9 @@ bench-eval: install
 bench-reg: install
 	$(PY) benchmarks/regularizers.py
 
-## Rebuild the four tiny families in a fresh folder and compare them, weight by weight, with the
-## builds in the cache (about 90 minutes on 2 cores).
+## Rebuild the shipped tiny builds here (the four families and their in-context stages, about two
+## hours on 2 cores) and compare them, weight by weight, with the shipped set; ARGS=--ship makes
+## the rebuilt builds the shipped set (ARGS="--cache DIR" reuses a folder's finished builds).
 rebuild-tiny: install
 	$(PY) benchmarks/rebuild_tiny.py $(ARGS)
 

@@ -52,23 +52,29 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
+def build_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a build, named ``<folder>/<tensor>`` for safetensors (a sharded model's
+    shards merged, so a shipped build compares with an unsharded one) and ``<file>:<tensor>``
+    for torch files."""
+    tensors: dict[str, torch.Tensor] = {}
+    for rel in weight_files(folder):
+        prefix = f"{rel.parent.as_posix()}/" if rel.suffix == ".safetensors" else f"{rel}:"
+        tensors.update({prefix + k: v for k, v in load_weights(folder / rel).items()})
+    return tensors
+
+
 def compare_builds(a: Path, b: Path) -> BuildDifference:
-    """Compare the weights of two builds of one family; a file or tensor only one of them has is
-    an error (they are not builds of the same model)."""
-    files = weight_files(a)
-    if files != weight_files(b):
-        raise ValueError(f"{a} and {b} hold different weight files: "
-                         f"{[str(f) for f in files]} vs {[str(f) for f in weight_files(b)]}")
-    tensors = differing = 0
+    """Compare the weights of two builds of one family; a tensor only one of them has is an
+    error (they are not builds of the same model)."""
+    left, right = build_tensors(a), build_tensors(b)
+    if left.keys() != right.keys():
+        only = sorted(left.keys() ^ right.keys())
+        raise ValueError(f"{a} and {b} hold different tensors: {only[:5]}")
+    differing = 0
     max_abs = 0.0
-    for name in files:
-        left, right = load_weights(a / name), load_weights(b / name)
-        if left.keys() != right.keys():
-            raise ValueError(f"{name}: the builds hold different tensors")
-        for key, x in left.items():
-            y = right[key]
-            tensors += 1
-            if not (x.shape == y.shape and x.dtype == y.dtype and bool((x == y).all())):
-                differing += 1
-                max_abs = max(max_abs, float((x.double() - y.double()).abs().max()))
-    return BuildDifference(tensors, differing, max_abs)
+    for key, x in left.items():
+        y = right[key]
+        if not (x.shape == y.shape and x.dtype == y.dtype and bool((x == y).all())):
+            differing += 1
+            max_abs = max(max_abs, float((x.double() - y.double()).abs().max()))
+    return BuildDifference(len(left), differing, max_abs)
