@@ -64,8 +64,8 @@ def world_dir(default_cfg) -> Path:
 SMALL_WORLD = {"train_scenes": 300, "eval_scenes": 40, "loc_scenes": 10, "fact_subjects": 3,
                "probes_per_category": 1}
 
-#: The marks of a test on the full default build of tiny LLaVA, MiniGPT-4 or Qwen2-VL: 20 to 27
-#: minutes each to build on 2 cores, so left out of `make test` (CI) and run by `make test-families`.
+#: The marks of a test on the default (shipped) build of tiny LLaVA, MiniGPT-4 or Qwen2-VL:
+#: `make test-families` runs these alone (`make test` and CI run them with the rest).
 FULL_BUILD = [pytest.mark.slow, pytest.mark.families]
 
 #: Each family's short build on the small world (few steps): the real recipe end to end in

@@ -1,9 +1,8 @@
 """Every pretrained tiny backbone really knows its world before any edit: at least 90% of the
 eval split's original answers, text-locality answers and multimodal-locality answers, on both
-tasks. The tiny BLIP-2 (the default, built by `make demo`) is tested in `make test`; the other
-families' full builds take 20 to 27 minutes each on 2 cores, so they are marked ``families``
-(`make test-families`); every family's recipe runs in `make test` on a small world
-(tests/backbones/test_tiny_builds.py)."""
+tasks. Every family's default build ships with the package (the other families' tests are also
+marked ``families``, for `make test-families`); every family's recipe runs from scratch on a
+small world in tests/backbones/test_tiny_builds.py."""
 
 from dataclasses import replace
 from pathlib import Path

@@ -16,21 +16,21 @@ from mmke.editors.liveedit_nets import (
 from mmke.errors import ConfigError
 from mmke.regularizers.odedit import ODEdit
 from mmke.sweep.fingerprint import hook_count
-from tests.editors.conftest import composed, state
+from tests.editors.conftest import LIVEEDIT_FIT, composed, state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: a short fit (under a minute): enough to learn routing on the tiny BLIP-2, not to edit well
-SHORT = {"steps": 200, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 100}
+SHORT = LIVEEDIT_FIT
 
 
 @pytest.fixture(scope="module")
-def fitted(pretrained, vqa_source, tmp_path_factory) -> LiveEdit:
+def fitted(pretrained, vqa_source, liveedit_fit) -> LiveEdit:
+    """The session's short fit, loaded from its cache."""
     editor = composed("liveedit", "tiny_blip2", training=SHORT, progress=False,
-                      cache_dir=str(tmp_path_factory.mktemp("liveedit")))
+                      cache_dir=str(liveedit_fit[0]))
     editor.attach(pretrained, vqa_source.templates)
-    pretrained.model.zero_grad(set_to_none=True)  # earlier tests of the session may leave some
     editor.fit(vqa_source.records("train"))
+    assert editor.fit_report is not None and not editor.fit_report.trained_now
     return editor
 
 
@@ -90,9 +90,9 @@ def test_routing_losses_by_hand():
     assert torch.allclose(prototype_loss(s, sentinel), want_prototype, atol=1e-5)
 
 
-def test_training_lowers_its_loss_and_leaves_the_backbone_alone(fitted, pretrained):
-    report = fitted.fit_report
-    assert report is not None and report.trained_now and report.steps_run == SHORT["steps"]
+def test_training_lowers_its_loss_and_leaves_the_backbone_alone(fitted, liveedit_fit, pretrained):
+    report = liveedit_fit[1]
+    assert report.trained_now and report.steps_run == SHORT["steps"]
     assert set(report.last_losses) == {"loss", "rel", "gen", "loc", "soft_routing",
                                        "hard_routing"}
     assert all(p.grad is None for p in pretrained.model.parameters())
@@ -102,10 +102,9 @@ def test_training_lowers_its_loss_and_leaves_the_backbone_alone(fitted, pretrain
 def test_routing_picks_the_edits_own_expert_and_none_for_unrelated_pictures(fitted, vqa_source):
     """After 20 edits, most edits' prompts give their own expert the largest coefficient (chance:
     1 in 20), and the multimodal-locality prompts (other pictures, other questions) mostly route
-    to none. Measured on a tiny BLIP-2 built on the CI machine's kind, after 200 / 300 / 400
-    steps: own expert on top for 15 / 14 / 13 of 20, locality prompts unrouted 18 / 14 / 18. (An
-    earlier build of another machine gave 18+ own; a fit's float sums follow the CPU, so the bars
-    keep a margin.)"""
+    to none. Measured on the shipped tiny BLIP-2 with the session's 200-step fit: own expert on
+    top for 18 of 20, locality prompts unrouted 15 of 20 (a build of another machine gave 15 / 18
+    after 200 steps). A fit's float sums still follow the CPU, so the bars keep a margin."""
     records = vqa_source.records("eval", limit=20)
     seen: list[torch.Tensor] = []
     original = fitted._coefficients
@@ -127,7 +126,7 @@ def test_routing_picks_the_edits_own_expert_and_none_for_unrelated_pictures(fitt
     own = sum(int(c[0].argmax() == i and c[0, i] > 0) for i, c in enumerate(seen))
     unrouted = sum(int((c[1] == 0).all()) for c in seen)
     assert own >= 12, f"own expert on top for {own}/20 edits"
-    assert unrouted >= 14, f"{unrouted}/20 locality prompts routed to no expert"
+    assert unrouted >= 12, f"{unrouted}/20 locality prompts routed to no expert"
 
 
 def test_an_edit_only_reads_its_own_prompt(fitted, vqa_source, monkeypatch):

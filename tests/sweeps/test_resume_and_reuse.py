@@ -24,11 +24,10 @@ RESULT_FILES = ("config.yaml", "meta.json", "edits.jsonl", "summary.json")
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory, pretrained) -> tuple[Path, float]:
+def finished_sweep(tmp_path_factory, pretrained) -> Path:
     sweep_dir = tmp_path_factory.mktemp("sweep") / "s"
-    start = time.perf_counter()
     run_sweep(sweep_dir, *SWEEP)
-    return sweep_dir, time.perf_counter() - start
+    return sweep_dir
 
 
 def job_overrides(num: int) -> list[str]:
@@ -37,14 +36,14 @@ def job_overrides(num: int) -> list[str]:
 
 
 def test_every_job_is_written_once(finished_sweep) -> None:
-    sweep_dir, _ = finished_sweep
+    sweep_dir = finished_sweep
     summaries = load_summaries(sweep_dir)
     assert len(summaries) == 4 and summaries["config_hash"].is_unique
     assert sorted(summaries["run_dir"]) == [str(sweep_dir / str(n)) for n in range(4)]
 
 
 def test_the_backbone_is_loaded_once_and_results_equal_fresh_runs(finished_sweep, tmp_path) -> None:
-    sweep_dir, _ = finished_sweep
+    sweep_dir = finished_sweep
     metas = [read_json(sweep_dir / str(n) / "meta.json") for n in range(4)]
     assert [m["backbone_reused"] for m in metas] == [False, True, True, True]
     assert all(m["backbone_loads"] == 1 for m in metas)
@@ -57,18 +56,17 @@ def test_the_backbone_is_loaded_once_and_results_equal_fresh_runs(finished_sweep
 
 
 def test_a_second_identical_sweep_runs_nothing(finished_sweep) -> None:
-    sweep_dir, first_s = finished_sweep
+    """Nothing runs: no run folder, no backbone load, no result file touched (how long it takes
+    is a benchmark's business, not a test's)."""
+    sweep_dir = finished_sweep
     stamps = {(n, name): (sweep_dir / str(n) / name).stat().st_mtime_ns
               for n in range(4) for name in RESULT_FILES}
-    start = time.perf_counter()
     proc = run_sweep(sweep_dir, *SWEEP)
-    second_s = time.perf_counter() - start
     log = proc.stdout + proc.stderr
     assert log.count("skipping: finished in") == 4
     assert "run folder:" not in log and "backbone" not in log.lower()
     assert stamps == {(n, name): (sweep_dir / str(n) / name).stat().st_mtime_ns
                       for n in range(4) for name in RESULT_FILES}
-    assert second_s < first_s
     assert len(load_summaries(sweep_dir)) == 4
 
 
