@@ -112,7 +112,10 @@ def main() -> None:
                 print(line(label, run(["editor=ike", OFF, f"editor.k={args.base_k}", *common],
                                       out / "e", cache)), flush=True)
             except subprocess.CalledProcessError as err:
-                print(f"{label:26} stops before its first edit: {err.stderr.strip()[-240:]}",
+                # the last "error:" line, not stderr's tail (progress bars share it)
+                errors = [ln for ln in err.stderr.splitlines() if ln.startswith("error:")]
+                print(f"{label:26} stops before its first edit: "
+                      f"{(errors or [err.stderr.strip()])[-1][-240:]}",
                       flush=True)
             print(line("FT, in-context build", run(["editor=ft", ON, *common], out / "f", cache)),
                   flush=True)

@@ -46,7 +46,11 @@ SETTINGS = [dict(layer=-1), dict(layer=-2), dict(layer=-3),
             dict(layer=-1, irrelevant_prompts=20, steps=20, mask_ratio=0.5, save_freq=1,
                  merge_freq=1, retrieve=True),
             dict(layer=-1, irrelevant_prompts=20, steps=20, mask_ratio=0.2, save_freq=5,
-                 merge_freq=5, retrieve=True)]
+                 merge_freq=5, retrieve=True),
+            # 16-17: the shipped builds' re-check (issue 24) put 8 and 11 above 10 on locality;
+            # each with 10's mask
+            dict(layer=-1, irrelevant_prompts=20, steps=30, mask_ratio=0.5),
+            dict(layer=-1, irrelevant_prompts=50, steps=20, mask_ratio=0.5)]
 
 
 def main() -> None:
