@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel of torch; GPU users install their own torch first (pyproject takes a range).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-families test-fast bench bench-scale bench-families bench-eval bench-reg rebuild-tiny clean
+.PHONY: install demo test test-families test-fast bench bench-scale bench-families bench-eval bench-reg rebuild-tiny docs docs-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,5 +60,13 @@ bench-reg: install
 rebuild-tiny: install
 	$(PY) benchmarks/rebuild_tiny.py $(ARGS)
 
+## The documentation site (docs/, mkdocs.yml) into site/; fails on a broken link or a page
+## missing from the nav. `make docs-serve` serves it at http://127.0.0.1:8000 while you edit.
+docs: install
+	$(PY) -m mkdocs build --strict
+
+docs-serve: install
+	$(PY) -m mkdocs serve
+
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache site
