@@ -1,4 +1,4 @@
-"""Entry point: ``python run.py [overrides]`` (see README.md)."""
+"""Entry point: ``python run.py [overrides]`` (see docs/getting-started/running.md)."""
 
 import sys
 
