@@ -12,7 +12,6 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -80,7 +79,18 @@ def template(command: Command) -> bool:
     return "<" in command.text.split(" #")[0] or "..." in command.text
 
 
-COMMANDS = [c for c in shown_commands() if not c.real and not template(c)]
+def runnable() -> list[Command]:
+    """The tiny-default commands, each distinct command line once (the README and a page often
+    show the same one): the first place it is shown names it."""
+    seen: dict[tuple, Command] = {}
+    for command in shown_commands():
+        if not command.real and not template(command):
+            multirun, overrides = command.overrides()
+            seen.setdefault((multirun, *overrides), command)
+    return list(seen.values())
+
+
+COMMANDS = runnable()
 
 
 def jobs(overrides: list[str]) -> list[list[str]]:

@@ -79,6 +79,18 @@ def to_jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot store a value of type {type(obj).__name__} in JSON: {obj!r}")
 
 
+def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted names: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def _key(key: Any) -> str:
     """JSON keys must be strings; numpy ints etc. are converted through their Python value."""
     key = to_jsonable(key)

@@ -19,6 +19,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from mmke.errors import DataError
+from mmke.results.atomic import flatten
 from mmke.results.run_folder import (CONFIG_FILE, EDITS_FILE, META_FILE, PARTIAL_FILE,
                                      PROBES_FILE, SUMMARY_FILE, RunWriter)
 
@@ -46,7 +47,7 @@ def load_runs(paths: PathsLike) -> pd.DataFrame:
     for run_dir in find_runs(paths):
         run_cols = run_columns(run_dir)
         for row in _read_lines(run_dir / EDITS_FILE):
-            records.append(_merge(run_cols, _flatten(row), run_dir))
+            records.append(_merge(run_cols, flatten(row), run_dir))
     return _frame(records)
 
 
@@ -59,7 +60,7 @@ def load_probes(paths: PathsLike) -> pd.DataFrame:
             continue
         run_cols = run_columns(run_dir)
         for row in _read_lines(run_dir / PROBES_FILE):
-            records.append(_merge(run_cols, _flatten(row), run_dir))
+            records.append(_merge(run_cols, flatten(row), run_dir))
     return _frame(records)
 
 
@@ -71,7 +72,7 @@ def load_summaries(paths: PathsLike) -> pd.DataFrame:
         summary = _read_json(run_dir / SUMMARY_FILE)
         if not isinstance(summary, Mapping):
             raise DataError("summary is not a JSON object", file=str(run_dir / SUMMARY_FILE))
-        records.append(_merge(run_columns(run_dir), _flatten(summary), run_dir))
+        records.append(_merge(run_columns(run_dir), flatten(summary), run_dir))
     return _frame(records)
 
 
@@ -171,17 +172,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"invalid JSON: {err}", file=str(path)) from err
-
-
-def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def _merge(run_cols: dict[str, Any], fields: dict[str, Any], run_dir: Path) -> dict[str, Any]:

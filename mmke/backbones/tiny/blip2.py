@@ -15,7 +15,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QForm
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from mmke.backbones.blip2 import Blip2Backbone, load_blip2, save_blip2
-from mmke.backbones.tiny.builder import cache_key, cached_build, shipped_root
+from mmke.backbones.tiny.builder import build_folder, cached_build, shipped_root
 from mmke.backbones.tiny.context import in_context_folder
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.pretrain import PretrainSpec
@@ -133,10 +133,9 @@ def tiny_blip2_folder(cache_dir: str, world: dict | None = None, model: dict | N
     train = PretrainSpec(**(pretraining or {}))
     first = Stage1Spec(**(stage1 or {}))
     world_dir = ensure_miniworld(cache_dir, world_spec)
-    key = cache_key(RECIPE_VERSION, world_spec.key(), asdict(spec), asdict(train), asdict(first))
-    folder = Path(cache_dir) / "backbones" / "tiny_blip2" / key
-    settings = {"recipe": RECIPE_VERSION, "world": world_spec.settings(), "model": asdict(spec),
-                "pretraining": asdict(train), "stage1": asdict(first)}
+    folder, settings = build_folder(cache_dir, "tiny_blip2", RECIPE_VERSION, world_spec,
+                                    {"model": asdict(spec), "pretraining": asdict(train),
+                                     "stage1": asdict(first)})
     return cached_build(folder, lambda out: build_tiny_blip2(out, world_dir, world_spec, spec, train,
                                                              first, progress),
                         settings, shipped_root(shipped))

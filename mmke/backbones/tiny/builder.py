@@ -29,6 +29,17 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+def build_folder(cache_dir: str, family: str, recipe: int, world: Any,
+                 parts: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """A family's build folder ``<cache>/backbones/<family>/<key>`` and the settings it answers
+    to, both from the same parts: the key hashes the recipe version, the world's key and
+    ``parts``' values in order; the settings name them, with the world's own settings
+    (``MiniWorldSpec``), so ``why_building`` can say which one differs."""
+    key = cache_key(recipe, world.key(), *parts.values())
+    settings = {"recipe": recipe, "world": world.settings(), **parts}
+    return Path(cache_dir) / "backbones" / family / key, settings
+
+
 #: torch threads every tiny build runs with. The order of float sums follows the thread count,
 #: so builds with one thread and with two give different weights under the same cache key (and
 #: editor settings chosen on one do not carry to the other). Two is what the 2-core CI machine

@@ -18,7 +18,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from mmke.backbones.llava import LLAVA_PROMPT, LLAVA_TEXT_PROMPT, LlavaBackbone, load_llava, save_llava
-from mmke.backbones.tiny.builder import cache_key, cached_build, shipped_root
+from mmke.backbones.tiny.builder import build_folder, cached_build, shipped_root
 from mmke.backbones.tiny.context import in_context_folder
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.pretrain import PretrainSpec
@@ -120,10 +120,9 @@ def tiny_llava_build(cache_dir: str, world: dict | None = None, model: dict | No
     train = PretrainSpec(**(pretraining or {}))
     first = Stage1Spec(**(stage1 or {}))
     world_dir = ensure_miniworld(cache_dir, world_spec)
-    key = cache_key(RECIPE_VERSION, world_spec.key(), asdict(spec), asdict(train), asdict(first))
-    folder = Path(cache_dir) / "backbones" / "tiny_llava" / key
-    settings = {"recipe": RECIPE_VERSION, "world": world_spec.settings(), "model": asdict(spec),
-                "pretraining": asdict(train), "stage1": asdict(first)}
+    folder, settings = build_folder(cache_dir, "tiny_llava", RECIPE_VERSION, world_spec,
+                                    {"model": asdict(spec), "pretraining": asdict(train),
+                                     "stage1": asdict(first)})
     cached_build(folder, lambda out: build_tiny_llava(out, world_dir, world_spec, spec, train,
                                                       first, progress),
                  settings, shipped_root(shipped))

@@ -24,7 +24,7 @@ from mmke.backbones.minigpt4 import (ASSISTANT_MARKER, MINIGPT4_PROMPT, MINIGPT4
                                      MiniGPT4, MiniGPT4Backbone, load_blip2_vision, load_minigpt4,
                                      save_minigpt4_parts)
 from mmke.backbones.tiny.blip2 import tiny_blip2_folder
-from mmke.backbones.tiny.builder import cache_key, cached_build, shipped_root
+from mmke.backbones.tiny.builder import build_folder, cached_build, shipped_root
 from mmke.backbones.tiny.context import in_context_folder
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.llava import llama_config
@@ -92,10 +92,9 @@ def tiny_minigpt4_build(cache_dir: str, blip2: dict, world: dict | None = None,
     blip2_folder = tiny_blip2_folder(cache_dir, world, blip2.get("model"), blip2.get("pretraining"),
                                      blip2.get("stage1"), progress, shipped)
     world_dir = ensure_miniworld(cache_dir, world_spec)
-    key = cache_key(RECIPE_VERSION, world_spec.key(), blip2_folder.name, asdict(spec), asdict(train))
-    folder = Path(cache_dir) / "backbones" / "tiny_minigpt4" / key
-    settings = {"recipe": RECIPE_VERSION, "world": world_spec.settings(), "blip2": blip2_folder.name,
-                "model": asdict(spec), "pretraining": asdict(train)}
+    folder, settings = build_folder(cache_dir, "tiny_minigpt4", RECIPE_VERSION, world_spec,
+                                    {"blip2": blip2_folder.name, "model": asdict(spec),
+                                     "pretraining": asdict(train)})
     cached_build(folder, lambda out: build_tiny_minigpt4(out, world_dir, blip2_folder, spec, train,
                                                          progress),
                  settings, shipped_root(shipped))

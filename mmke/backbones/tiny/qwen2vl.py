@@ -28,7 +28,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from mmke.backbones.qwen2vl import (QWEN2VL_PROMPT, QWEN2VL_TEXT_PROMPT, TURN_END, Qwen2VLBackbone,
                                     load_qwen2vl, save_qwen2vl)
-from mmke.backbones.tiny.builder import cache_key, cached_build, shipped_root
+from mmke.backbones.tiny.builder import build_folder, cached_build, shipped_root
 from mmke.backbones.tiny.context import in_context_folder
 from mmke.backbones.tiny.corpus import tokenizer_corpus
 from mmke.backbones.tiny.pretrain import PretrainSpec
@@ -174,10 +174,9 @@ def tiny_qwen2vl_build(cache_dir: str, world: dict | None = None, model: dict | 
     train = PretrainSpec(**(pretraining or {}))
     first = Stage1Spec(**(stage1 or {}))
     world_dir = ensure_miniworld(cache_dir, world_spec)
-    key = cache_key(RECIPE_VERSION, world_spec.key(), asdict(spec), asdict(train), asdict(first))
-    folder = Path(cache_dir) / "backbones" / "tiny_qwen2vl" / key
-    settings = {"recipe": RECIPE_VERSION, "world": world_spec.settings(), "model": asdict(spec),
-                "pretraining": asdict(train), "stage1": asdict(first)}
+    folder, settings = build_folder(cache_dir, "tiny_qwen2vl", RECIPE_VERSION, world_spec,
+                                    {"model": asdict(spec), "pretraining": asdict(train),
+                                     "stage1": asdict(first)})
     cached_build(folder, lambda out: build_tiny_qwen2vl(out, world_dir, world_spec, spec, train,
                                                         first, progress),
                  settings, shipped_root(shipped))

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmke.errors import MMKEError
+from mmke.results.atomic import flatten
 
 #: Where the shipped builds live (inside the package, so a wheel carries them too).
 SHIPPED = Path(__file__).with_name("shipped")
@@ -92,9 +93,12 @@ def read_manifest(root: Path = SHIPPED) -> dict[str, Any]:
     return manifest
 
 
+def _build(root: Path, entry: dict[str, Any]) -> ShippedBuild:
+    return ShippedBuild(root, entry["family"], entry["key"], entry["files"], entry["built_on"])
+
+
 def shipped_builds(root: Path = SHIPPED) -> list[ShippedBuild]:
-    return [ShippedBuild(root, entry["family"], entry["key"], entry["files"], entry["built_on"])
-            for entry in read_manifest(root)["builds"].values()]
+    return [_build(root, entry) for entry in read_manifest(root)["builds"].values()]
 
 
 def find_shipped(folder: Path, root: Path | None) -> ShippedBuild | None:
@@ -102,9 +106,7 @@ def find_shipped(folder: Path, root: Path | None) -> ShippedBuild | None:
     if root is None:
         return None
     entry = read_manifest(root)["builds"].get(f"{folder.parent.name}/{folder.name}")
-    if entry is None:
-        return None
-    return ShippedBuild(root, entry["family"], entry["key"], entry["files"], entry["built_on"])
+    return None if entry is None else _build(root, entry)
 
 
 def verify(build: ShippedBuild) -> None:
@@ -147,18 +149,9 @@ def copy_shipped(build: ShippedBuild, tmp: Path) -> str:
     return text
 
 
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_leaves(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def settings_difference(shipped: dict[str, Any], here: dict[str, Any]) -> list[str]:
     """``name: shipped -> here`` for every setting in which two builds' settings differ."""
-    a, b = _leaves(shipped), _leaves(here)
+    a, b = flatten(shipped), flatten(here)
     return [f"{k}: {a.get(k, '(unset)')!r} shipped, {b.get(k, '(unset)')!r} here"
             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
