@@ -17,7 +17,7 @@ from mmke.protocols.single import SingleEdit
 from tests.conftest import FULL_BUILD, compose_config
 
 #: LiveEdit's short fit on the tiny BLIP-2 (under a minute): enough to learn routing, not to edit
-#: well. Made once a session into ``liveedit_cache`` and loaded by every test that asks for it.
+#: well. Made once a session by the ``liveedit_fit`` fixture, loaded by every test that asks.
 LIVEEDIT_FIT = {"steps": 200, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 100}
 
 FAMILIES = [pytest.param("tiny_blip2"),
